@@ -1,0 +1,202 @@
+"""SDFTConfig: every setting of a run, with its default in one place.
+
+Field names follow Hugging Face `TrainingArguments` where one exists, and TRL's `SDFTConfig` for the
+self-distillation fields, so that recipes written for those read the same here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+TEACHER_MODES = ("frozen", "ema", "live")
+DISTILLATION_MODES = ("full", "topk", "sampled_token")
+LOSS_NORMALIZATIONS = ("sequence", "token")
+DIVERGENCE_IMPLS = ("chunked", "dense")
+ROLLOUT_PATHS = ("auto", "hybrid_engine", "gather_once", "per_layer")
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class SDFTConfig:
+    """Settings of an SDFT run. Each field's `help` is shown by `launch/train.py --help`."""
+
+    # ---- Hugging Face TrainingArguments names ----
+    output_dir: str = _help("Where the trained model and checkpoints go.", default="sdft-model")
+    learning_rate: float = _help("Peak learning rate of the student (paper: 1e-5).", default=1e-5)
+    per_device_train_batch_size: int = _help("Completions per micro-batch per rank.", default=1)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    num_train_epochs: float = _help("Passes over the prompts (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Optimizer steps to run; -1 derives them from num_train_epochs.", default=-1)
+    lr_scheduler_type: str = _help("A transformers scheduler name (linear, cosine, constant, ...).",
+                                   default="linear")
+    warmup_ratio: float = _help("Fraction of the optimizer steps spent warming up the learning rate.",
+                                default=0.0)
+    warmup_steps: int = _help("Warm-up optimizer steps; overrides warmup_ratio when > 0.", default=0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.999)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    logging_steps: int = _help("Log metrics every this many optimizer steps.", default=10)
+    save_steps: int = _help("Write a resumable DeepSpeed checkpoint every this many optimizer steps "
+                            "(0: only at the end).", default=0)
+    seed: int = _help("Seed of data order, sampling and initialisation.", default=42)
+    bf16: bool = _help("Train in bfloat16 (fills `bf16.enabled: auto`).", default=False)
+    fp16: bool = _help("Train in float16 (fills `fp16.enabled: auto`).", default=False)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass.", default=False)
+    report_to: str = _help("`none`, `wandb` (rank 0 only; WANDB_MODE=offline works without network).",
+                           default="none")
+    run_name: str | None = _help("Run name for Weights & Biases.", default=None)
+    deepspeed: str | dict | None = _help("Student DeepSpeed config (path or dict); default "
+                                         "ds_configs/zero3_offload.json. `auto` values are filled from this "
+                                         "config.", default=None)
+    save_on_each_node: bool = _help("Write checkpoints on every node's local disk.", default=False)
+    push_to_hub: bool = _help("Push the final model to the Hub at the end of train().", default=False)
+    hub_model_id: str | None = _help("Hub repository for push_to_hub().", default=None)
+    hub_private_repo: bool = _help("Create the Hub repository as private.", default=False)
+
+    # ---- model construction ----
+    model_init_kwargs: dict | None = _help("Keyword arguments of from_pretrained when a model is given as a "
+                                           "path or name.", default=None)
+    attn_implementation: str | None = _help("Attention kernel; default flash_attention_2 on CUDA when flash-attn "
+                                            "is installed, else sdpa.", default=None)
+    disable_dropout: bool = _help("Turn dropout off in student and teacher.", default=True)
+
+    # ---- teacher ----
+    teacher_deepspeed: str | dict | None = _help("Teacher DeepSpeed config (inference only, no optimizer); "
+                                                 "default ds_configs/teacher_zero3.json.", default=None)
+    teacher_mode: str = _help("frozen: the teacher keeps its initial weights; ema: θ_T ← (1−r)θ_T + rθ_S every "
+                              "teacher_sync_steps; live: the teacher is the current student.", default="frozen")
+    teacher_update_rate: float = _help("EMA rate r (paper: 0.01).", default=0.01)
+    teacher_sync_steps: int = _help("Optimizer steps between EMA updates (paper: 1).", default=1)
+    generate_from_teacher: bool = _help("Sample completions from the teacher given the teacher prompt; the "
+                                        "student still trains on [prompt | completion].", default=False)
+    teacher_prompt_template: str = _help("Builds teacher_prompt from prompt and privileged_context when the "
+                                         "dataset has no teacher_prompt column.",
+                                         default="{prompt}\n\n{privileged_context}")
+
+    # ---- prompts and generation ----
+    max_prompt_length: int = _help("Student prompts longer than this are cut from the left (counted).",
+                                   default=512)
+    max_teacher_prompt_length: int = _help("Own limit of the teacher prompt, so a demonstration never "
+                                           "silently cuts the question away.", default=1024)
+    max_completion_length: int = _help("Tokens sampled per completion.", default=256)
+    num_generations: int = _help("Completions sampled per prompt (paper: 1).", default=1)
+    temperature: float = _help("Sampling temperature; also τ of the divergence.", default=1.0)
+    top_p: float = _help("Nucleus sampling mass.", default=1.0)
+    top_k: int = _help("Top-k sampling (0 disables).", default=0)
+    steps_per_generation: int | None = _help("Micro-batches served by one generated batch (TRL semantics); "
+                                             "default gradient_accumulation_steps. Larger values reuse "
+                                             "rollouts across optimizer steps.", default=None)
+    num_iterations: int = _help("Passes over each generated batch.", default=1)
+    rollout_path: str = _help("auto | hybrid_engine | gather_once | per_layer (see README).", default="auto")
+    chat_template_kwargs: dict | None = _help("Extra arguments of apply_chat_template.", default=None)
+
+    # ---- divergence ----
+    distillation_alpha: float = _help("0: forward KL(T‖S) (paper); 1: reverse KL(S‖T); between: generalized "
+                                      "JSD. The family is not continuous at 0 and 1.", default=0.0)
+    distillation_mode: str = _help("full | topk | sampled_token (needs alpha = 1).", default="full")
+    distillation_topk: int = _help("Student top-k support size when distillation_mode = topk.", default=100)
+    distillation_add_tail: bool = _help("Top-k: keep the leftover mass as one bucket instead of "
+                                        "renormalising.", default=False)
+    distillation_is_clip: float | None = _help("Upper clip of the importance ratio applied to stale rollouts.",
+                                               default=2.0)
+    num_loss_tokens_to_skip: int = _help("Leading completion tokens left out of the loss (paper: 3).",
+                                         default=0)
+    loss_normalization: str = _help("sequence: mean over each sequence's tokens, then over sequences; "
+                                    "token: sum over the global batch's tokens / their count.", default="sequence")
+    divergence_impl: str = _help("chunked (memory-bounded, default) | dense (full logits; test oracle).",
+                                 default="chunked")
+    divergence_token_chunk: int = _help("Tokens per tile of the chunked divergence.", default=1024)
+    divergence_vocab_chunk: int = _help("Vocabulary entries per tile of the chunked divergence.", default=16384)
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
+
+        choice("teacher_mode", TEACHER_MODES)
+        choice("distillation_mode", DISTILLATION_MODES)
+        choice("loss_normalization", LOSS_NORMALIZATIONS)
+        choice("divergence_impl", DIVERGENCE_IMPLS)
+        choice("rollout_path", ROLLOUT_PATHS)
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
+                    "max_teacher_prompt_length", "max_completion_length", "num_generations", "num_iterations",
+                    "teacher_sync_steps", "logging_steps", "divergence_token_chunk", "divergence_vocab_chunk",
+                    "distillation_topk")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"distillation_alpha must be in [0, 1], got {self.distillation_alpha}.")
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
+            raise ValueError("distillation_mode='sampled_token' is the REINFORCE surrogate of reverse KL: set "
+                             f"distillation_alpha=1.0 (got {self.distillation_alpha}).")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0.0 <= self.teacher_update_rate <= 1.0:
+            raise ValueError(f"teacher_update_rate must be in [0, 1], got {self.teacher_update_rate}.")
+        if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
+            raise ValueError(f"distillation_is_clip must be > 0 or None, got {self.distillation_is_clip}.")
+        if self.num_loss_tokens_to_skip < 0:
+            raise ValueError(f"num_loss_tokens_to_skip must be >= 0, got {self.num_loss_tokens_to_skip}.")
+        if self.num_loss_tokens_to_skip >= self.max_completion_length:
+            raise ValueError(f"num_loss_tokens_to_skip={self.num_loss_tokens_to_skip} leaves no completion token "
+                             f"in the loss with max_completion_length={self.max_completion_length}.")
+        for placeholder in ("{prompt}", "{privileged_context}"):
+            if placeholder not in self.teacher_prompt_template:
+                raise ValueError(f"teacher_prompt_template must contain {placeholder}; got "
+                                 f"{self.teacher_prompt_template!r}.")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both set; choose one.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("Set max_steps > 0 or num_train_epochs > 0.")
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be at least 1, got {self.steps_per_generation}.")
+        completions = self.per_device_train_batch_size * self.steps_per_generation
+        if completions % self.num_generations:
+            raise ValueError(
+                f"Each rank generates per_device_train_batch_size × steps_per_generation = {completions} "
+                f"completions per round, which must be a multiple of num_generations={self.num_generations}.")
+        if self.report_to not in ("none", "wandb"):
+            raise ValueError(f"report_to={self.report_to!r} is not supported; use 'none' or 'wandb'.")
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Prompts each rank draws per generation round."""
+        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
+
+    @property
+    def reuses_rollouts(self) -> bool:
+        return self.steps_per_generation > self.gradient_accumulation_steps or self.num_iterations > 1
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(num_training_steps * self.warmup_ratio)
+
+    def student_ds_config_path(self) -> str | dict:
+        return self.deepspeed if self.deepspeed is not None else str(DS_CONFIG_DIR / "zero3_offload.json")
+
+    def teacher_ds_config_path(self) -> str | dict:
+        if self.teacher_deepspeed is not None:
+            return self.teacher_deepspeed
+        return str(DS_CONFIG_DIR / "teacher_zero3.json")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
