@@ -1,0 +1,523 @@
+"""Student–teacher divergences of SDFT (SPEC §2), dense and fused-chunked.
+
+Per completion token: s = h_S·W_Sᵀ/τ, u = h_T·W_Tᵀ/τ, S = softmax(s), T = softmax(u).
+The α family: α = 0 is KL(T‖S), α = 1 is KL(S‖T), 0 < α < 1 the generalised JSD
+α·KL(T‖M) + (1−α)·KL(S‖M) with M = (1−α)S + αT. JSD_α → 0 as α → 0 or α → 1, so the family is
+discontinuous at both end points; that is intended (TRL's convention), not a bug. No τ² factor.
+
+`dense_divergence` works on materialised logits with plain autograd: the oracle for tests.
+`linear_divergence` starts from hidden states and output weights. Chunked, it never holds more than
+one [token_chunk × vocab_chunk] tile of logits: value and gradients are computed in the forward with
+streaming log-sum-exps (DIVERGENCE_MATH.md) and autograd only scales the stored gradients. The
+vocabulary may also be split over the ranks of a process group; chunks and ranks are merged by the
+same associative statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+MODES = ("full", "topk", "sampled_token")
+
+
+class DivergenceOutput(NamedTuple):
+    """What `linear_divergence` returns; every field but `loss` is detached."""
+
+    loss: Tensor  # scalar Σ_t token_weights[t]·ratio[t]·D[t]; carries grad to the student
+    per_token: Tensor  # [N] D[t] (fp32; fp64 for fp64 inputs)
+    entropy: Tensor  # [N] entropy of S over the full vocabulary, at temperature τ
+    target_logprob: Tensor | None  # [N] log S(target_ids[t]), when target_ids is given
+    ratio: Tensor | None  # [N] importance ratio applied, when rollout_logprobs is given
+
+
+# --------------------------------------------------------------------------------------------
+# Pointwise pieces, shared by the dense and the chunked paths. Inputs are normalised log-probs
+# over the last dimension (the support).
+
+
+def _log_mixture(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
+    return torch.logaddexp(log_s + math.log1p(-alpha), log_t + math.log(alpha))
+
+
+def _pointwise(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
+    """Terms d_v of D = Σ_v d_v."""
+    if alpha == 0:
+        return log_t.exp() * (log_t - log_s)
+    if alpha == 1:
+        return log_s.exp() * (log_s - log_t)
+    log_m = _log_mixture(log_s, log_t, alpha)
+    return alpha * log_t.exp() * (log_t - log_m) + (1 - alpha) * log_s.exp() * (log_s - log_m)
+
+
+def _score(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
+    """ψ_v = ∂D/∂log S_v holding the other log-probs fixed; then ∂D/∂s_v = ψ_v − S_v·Σψ."""
+    if alpha == 0:
+        return -log_t.exp()
+    if alpha == 1:
+        return log_s.exp() * (log_s - log_t + 1)
+    return (1 - alpha) * log_s.exp() * (log_s - _log_mixture(log_s, log_t, alpha))
+
+
+def _support_logprobs(log_p: Tensor, add_tail: bool) -> Tensor:
+    """Top-k log-probs → a distribution over the k (renormalised) or k + 1 buckets (tail = the rest)."""
+    log_sum = torch.logsumexp(log_p, -1, keepdim=True)
+    if not add_tail:
+        return log_p - log_sum
+    tail = torch.log(-torch.expm1(log_sum.clamp(max=-1e-7)))
+    return torch.cat([log_p, tail], -1)
+
+
+def _topk_divergence(log_s_k: Tensor, log_t_k: Tensor, alpha: float, add_tail: bool) -> Tensor:
+    return _pointwise(_support_logprobs(log_s_k, add_tail), _support_logprobs(log_t_k, add_tail), alpha).sum(-1)
+
+
+def _sampled_token_divergence(log_s_y: Tensor, log_t_y: Tensor) -> Tensor:
+    """REINFORCE surrogate of KL(S‖T) at the sampled token: gradient (log S − log T)·∇log S(y)."""
+    return (log_s_y - log_t_y).detach() * log_s_y
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_mode(alpha: float, mode: str, top_k: int | None, target_ids: Tensor | None, vocab: int | None) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode == "topk" and (top_k is None or top_k < 1 or (vocab is not None and top_k > vocab)):
+        raise ValueError(f"mode='topk' needs 1 <= top_k <= vocabulary size ({vocab}), got top_k={top_k}")
+    if mode == "sampled_token":
+        if alpha != 1:
+            raise ValueError(f"mode='sampled_token' estimates KL(S‖T) and needs alpha=1, got alpha={alpha}")
+        if target_ids is None:
+            raise ValueError("mode='sampled_token' needs target_ids (the sampled completion tokens)")
+
+
+def _check_shape(name: str, t: Tensor | None, shape: tuple) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Dense reference
+
+
+def dense_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    mode: str = "full",
+    top_k: int | None = None,
+    add_tail: bool = False,
+    target_ids: Tensor | None = None,
+) -> Tensor:
+    """Per-token D [...] from full [..., V] logits with plain autograd, in the input dtype (the oracle).
+
+    topk: the support is the student's top-k tokens; both sides' log-probs there use their full
+    log-sum-exp, then are renormalised over the k or get a tail bucket. sampled_token: value
+    (log S(y) − log T(y))·log S(y), gradient (log S(y) − log T(y))·∇log S(y); needs alpha=1.
+    """
+    _check_mode(alpha, mode, top_k, target_ids, student_logits.shape[-1])
+    _check_shape("teacher_logits", teacher_logits, student_logits.shape)
+    _check_shape("target_ids", target_ids, student_logits.shape[:-1])
+    log_s = torch.log_softmax(student_logits / temperature, -1)
+    log_t = torch.log_softmax(teacher_logits.detach() / temperature, -1)
+    if mode == "full":
+        return _pointwise(log_s, log_t, alpha).sum(-1)
+    if mode == "topk":
+        idx = student_logits.detach().topk(top_k, -1).indices
+        return _topk_divergence(log_s.gather(-1, idx), log_t.gather(-1, idx), alpha, add_tail)
+    y = target_ids.unsqueeze(-1)
+    return _sampled_token_divergence(log_s.gather(-1, y), log_t.gather(-1, y)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming statistics: per-token, mergeable in any order (vocabulary chunks or ranks)
+
+
+class _Softmax(NamedTuple):
+    """Max m, Σ e^{x−m} and Σ e^{x−m}·f (one column per extra tensor f) of logits x."""
+
+    m: Tensor  # [n]
+    d: Tensor  # [n]
+    w: Tensor  # [n, j]
+
+    @classmethod
+    def empty(cls, n: int, j: int, like: Tensor) -> _Softmax:
+        return cls(like.new_full((n,), -math.inf), like.new_zeros(n), like.new_zeros(n, j))
+
+    @classmethod
+    def of(cls, x: Tensor, *f: Tensor) -> _Softmax:
+        m = x.amax(-1)
+        e = torch.exp(x - m[:, None])
+        w = torch.stack([torch.linalg.vecdot(e, fi) for fi in f], -1) if f else x.new_zeros(len(x), 0)
+        return cls(m, e.sum(-1), w)
+
+    def merge(self, other: _Softmax) -> _Softmax:
+        m = torch.maximum(self.m, other.m)
+        ref = torch.where(torch.isinf(m), 0, m)  # two empty sides stay empty instead of NaN
+        a, b = torch.exp(self.m - ref), torch.exp(other.m - ref)
+        return _Softmax(m, self.d * a + other.d * b, self.w * a[:, None] + other.w * b[:, None])
+
+    def lse(self) -> Tensor:
+        return self.m + torch.log(self.d)
+
+    def mean(self) -> Tensor:
+        """[n, j]: Σ softmax(x)·f."""
+        return self.w / self.d[:, None]
+
+
+class _TopK(NamedTuple):
+    """The k largest logits seen so far and their global vocabulary ids."""
+
+    values: Tensor  # [n, k]
+    ids: Tensor  # [n, k] long
+
+    @classmethod
+    def empty(cls, n: int, k: int, like: Tensor) -> _TopK:
+        return cls(like.new_full((n, k), -math.inf), torch.zeros(n, k, dtype=torch.long, device=like.device))
+
+    @classmethod
+    def of(cls, x: Tensor, k: int, first_id: int) -> _TopK:
+        values, idx = x.topk(min(k, x.shape[-1]), -1)
+        return cls(values, idx + first_id)
+
+    def merge(self, other: _TopK) -> _TopK:
+        values, idx = torch.cat([self.values, other.values], -1).topk(self.values.shape[-1], -1)
+        return _TopK(values, torch.cat([self.ids, other.ids], -1).gather(-1, idx))
+
+
+# --------------------------------------------------------------------------------------------
+# The base every divergence uses: projection, chunking, cross-rank merges, gradient accumulation
+
+
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor, scale: float) -> None:
+    """acc += scale·a@b, the product in b's dtype (bf16 GEMMs stay bf16), the sum in acc's."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=scale)
+    else:
+        acc.add_(a.to(b.dtype) @ b, alpha=scale)
+
+
+class _Shard(NamedTuple):
+    """This rank's contiguous vocabulary rows [offset, offset + rows) of a `vocab`-row output layer."""
+
+    offset: int
+    vocab: int
+    group: object  # torch.distributed process group, or None on one device
+
+    @classmethod
+    def of(cls, weight: Tensor, group) -> _Shard:
+        if group is None:
+            return cls(0, weight.shape[0], None)
+        sizes = [int(s) for s in _all_gather(torch.tensor([weight.shape[0]], device=weight.device), group)]
+        if min(sizes) < 1:
+            raise ValueError(f"every rank must own at least one vocabulary row, got slice sizes {sizes}")
+        return cls(sum(sizes[: dist.get_rank(group)]), sum(sizes), group)
+
+    def fold(self, stats):
+        """Merge per-rank statistics in rank order, so every rank holds the same result."""
+        if self.group is None or stats is None:
+            return stats
+        per_rank = zip(*(_all_gather(t, self.group) for t in stats))
+        return functools.reduce(type(stats).merge, (type(stats)(*parts) for parts in per_rank))
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Σ over ranks in rank order (bitwise the same on every rank)."""
+        return x if self.group is None else torch.stack(_all_gather(x, self.group)).sum(0)
+
+
+def _all_gather(t: Tensor, group) -> list[Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+class _Tiles:
+    """One token chunk against this rank's vocabulary rows: logit tiles, logits at given ids, and
+    accumulation of G = ∂L/∂s into the student's gradients (÷τ, chained through the output layer)."""
+
+    def __init__(self, h_s, w_s, h_t, w_t, grad_h, grad_w, *, temperature, vocab_chunk, shard, dtype):
+        self.h_s, self.w_s, self.h_t, self.w_t = h_s, w_s, h_t, w_t
+        self.grad_h, self.grad_w = grad_h, grad_w  # views into the accumulators, or None
+        self.tau, self.chunk, self.shard, self.dtype = temperature, vocab_chunk, shard, dtype
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.grad_h is not None or self.grad_w is not None
+
+    def _logits(self, h: Tensor, w: Tensor) -> Tensor:
+        return (h @ w.T).to(self.dtype).div_(self.tau)
+
+    def tiles(self, teacher: bool):
+        """Yield (local vocabulary slice c, s tile [n, c], u tile or None)."""
+        for c0 in range(0, self.w_s.shape[0], self.chunk):
+            c = slice(c0, c0 + self.chunk)
+            yield c, self._logits(self.h_s, self.w_s[c]), self._logits(self.h_t, self.w_t[c]) if teacher else None
+
+    def accumulate(self, c: slice, g: Tensor) -> None:
+        if self.grad_h is not None:
+            _addmm_(self.grad_h, g, self.w_s[c], 1 / self.tau)
+        if self.grad_w is not None:
+            _addmm_(self.grad_w[c], g.T, self.h_s, 1 / self.tau)
+
+    def _rows(self, w: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        local = ids - self.shard.offset
+        own = (local >= 0) & (local < w.shape[0])
+        local = local.clamp(0, w.shape[0] - 1)
+        return w[local], local, own  # [n, k, H], [n, k], [n, k]
+
+    def logits_at(self, teacher: bool, ids: Tensor) -> Tensor:
+        """[n, k] logits at global vocabulary ids, from the rows of W (never a full logit row)."""
+        h, w = (self.h_t, self.w_t) if teacher else (self.h_s, self.w_s)
+        rows, _, own = self._rows(w, ids)
+        x = torch.bmm(rows, h[:, :, None])[..., 0].to(self.dtype) / self.tau
+        return self.shard.sum(torch.where(own, x, 0))
+
+    def accumulate_at(self, ids: Tensor, g: Tensor) -> None:
+        """Accumulate G given only at the global ids [n, k] (the owning rank takes each)."""
+        rows, local, own = self._rows(self.w_s, ids)
+        g = torch.where(own, g, 0) / self.tau
+        if self.grad_h is not None:
+            self.grad_h.add_(torch.bmm(g[:, None, :].to(rows.dtype), rows)[:, 0])
+        if self.grad_w is not None:
+            token = own.nonzero()[:, 0]
+            self.grad_w.index_add_(0, local[own], (g[own][:, None] * self.h_s[token]).to(self.grad_w.dtype))
+
+    def stream(self, teacher: bool, top_k: int | None) -> tuple[_Softmax, _Softmax | None, _TopK | None]:
+        """Pass 1: student (m, d, [Σe·s, Σe·u]), teacher (m, d), top-k candidates; merged over ranks."""
+        n = len(self.h_s)
+        student = _Softmax.empty(n, 1 + teacher, self.h_s.new_empty(0, dtype=self.dtype))
+        teach = _Softmax.empty(n, 0, student.m) if teacher else None
+        cands = _TopK.empty(n, top_k, student.m) if top_k else None
+        for c, s, u in self.tiles(teacher):
+            student = student.merge(_Softmax.of(s, s, u) if teacher else _Softmax.of(s, s))
+            if teacher:
+                teach = teach.merge(_Softmax.of(u))
+            if top_k:
+                cands = cands.merge(_TopK.of(s, top_k, self.shard.offset + c.start))
+        return self.shard.fold(student), self.shard.fold(teach), self.shard.fold(cands)
+
+
+# --------------------------------------------------------------------------------------------
+# One small function per divergence support
+
+
+def _full_divergence(tiles: _Tiles, A: Tensor, B: Tensor, moments: Tensor, alpha: float, w: Tensor) -> Tensor:
+    """D over the whole vocabulary. ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass: it is −1
+    for α = 0, KL + 1 for α = 1 (KL from the streamed moments), and one more pass for the JSD."""
+    value = None
+    if alpha == 0:
+        psi_sum = torch.full_like(A, -1.0)
+    elif alpha == 1:
+        value = moments[:, 0] - moments[:, 1] - A + B  # Σ S(s − u) − A + B
+        psi_sum = value + 1
+    else:
+        value, psi_sum = torch.zeros_like(A), torch.zeros_like(A)
+        for _, s, u in tiles.tiles(teacher=True):
+            log_s, log_t = s - A[:, None], u - B[:, None]
+            value += _pointwise(log_s, log_t, alpha).sum(-1)
+            psi_sum += _score(log_s, log_t, alpha).sum(-1)
+        value, psi_sum = tiles.shard.sum(value), tiles.shard.sum(psi_sum)
+    if value is not None and not tiles.wants_grad:
+        return value
+    acc = torch.zeros_like(A)
+    for c, s, u in tiles.tiles(teacher=True):
+        log_s, log_t = s - A[:, None], u - B[:, None]
+        if value is None:
+            acc += _pointwise(log_s, log_t, alpha).sum(-1)
+        if tiles.wants_grad:
+            tiles.accumulate(c, w[:, None] * (_score(log_s, log_t, alpha) - log_s.exp() * psi_sum[:, None]))
+    return tiles.shard.sum(acc) if value is None else value
+
+
+def _support_divergence(tiles: _Tiles, A: Tensor, B: Tensor | None, ids: Tensor, mode: str,
+                        alpha: float, add_tail: bool, w: Tensor) -> Tensor:
+    """Top-k or sampled token. D depends on the logits at a few ids and (with a tail, or for the
+    sampled token) on A; autograd on these small tensors gives ∂D/∂s at the ids and ∂D/∂A, whose
+    share of ∂D/∂s_v is S_v·∂D/∂A (one more pass over the vocabulary)."""
+    s_k = tiles.logits_at(False, ids).requires_grad_(tiles.wants_grad)
+    u_k = tiles.logits_at(True, ids)
+    lse = A.detach().requires_grad_(tiles.wants_grad)
+    with torch.enable_grad():
+        if mode == "sampled_token":
+            value = _sampled_token_divergence(s_k - lse[:, None], u_k - B[:, None])[:, 0]
+        elif add_tail:
+            value = _topk_divergence(s_k - lse[:, None], u_k - B[:, None], alpha, add_tail)
+        else:  # renormalising over the k cancels both log-sum-exps
+            value = _topk_divergence(s_k, u_k, alpha, add_tail)
+        if not tiles.wants_grad:
+            return value
+        g_k, g_lse = torch.autograd.grad((w * value).sum(), (s_k, lse), allow_unused=True)
+    if g_lse is None:
+        tiles.accumulate_at(ids, g_k)
+        return value.detach()
+    for c, s, _ in tiles.tiles(teacher=False):  # both parts in one tile: they nearly cancel at the ids
+        g = g_lse[:, None] * torch.exp(s - A[:, None])
+        local = ids - (tiles.shard.offset + c.start)
+        inside = (local >= 0) & (local < g.shape[1])
+        tiles.accumulate(c, g.scatter_add_(1, local.clamp(0, g.shape[1] - 1), torch.where(inside, g_k, 0)))
+    return value.detach()
+
+
+class _Config(NamedTuple):
+    alpha: float
+    temperature: float
+    mode: str
+    top_k: int | None
+    add_tail: bool
+    is_clip: float | None
+    token_chunk: int
+    vocab_chunk: int
+    shard: _Shard
+
+
+def _importance_ratio(target_logprob: Tensor, rollout_logprobs: Tensor, is_clip: float | None) -> Tensor:
+    ratio = torch.exp((target_logprob - rollout_logprobs.to(target_logprob.dtype)).clamp(-20, 20))
+    return ratio if is_clip is None else ratio.clamp(max=is_clip)
+
+
+def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, need_h: bool, need_w: bool):
+    """Chunked value, metrics and student gradients (fp32 or fp64 accumulators)."""
+    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    n = h_s.shape[0]
+    grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
+    grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None
+    per_token, entropy = h_s.new_empty(n, dtype=dtype), h_s.new_empty(n, dtype=dtype)
+    target_logprob = h_s.new_empty(n, dtype=dtype) if target is not None else None
+    ratio = h_s.new_empty(n, dtype=dtype) if rollout is not None else None
+    weights = weights.to(dtype)
+    teacher_lse = cfg.mode != "topk" or cfg.add_tail
+    for r0 in range(0, n, cfg.token_chunk):
+        r = slice(r0, r0 + cfg.token_chunk)
+        tiles = _Tiles(h_s[r], w_s, h_t[r], w_t, None if grad_h is None else grad_h[r], grad_w,
+                       temperature=cfg.temperature, vocab_chunk=cfg.vocab_chunk, shard=cfg.shard, dtype=dtype)
+        student, teacher, cands = tiles.stream(teacher_lse, cfg.top_k if cfg.mode == "topk" else None)
+        A, B = student.lse(), (teacher.lse() if teacher is not None else None)
+        moments = student.mean()
+        entropy[r] = A - moments[:, 0]
+        w = weights[r]
+        if target is not None:
+            target_logprob[r] = tiles.logits_at(False, target[r, None])[:, 0] - A
+        if rollout is not None:
+            ratio[r] = _importance_ratio(target_logprob[r], rollout[r], cfg.is_clip)
+            w = w * ratio[r]
+        if cfg.mode == "full":
+            per_token[r] = _full_divergence(tiles, A, B, moments, cfg.alpha, w)
+        else:
+            ids = cands.ids if cfg.mode == "topk" else target[r, None]
+            per_token[r] = _support_divergence(tiles, A, B, ids, cfg.mode, cfg.alpha, cfg.add_tail, w)
+    if grad_h is not None and cfg.shard.group is not None:
+        dist.all_reduce(grad_h, group=cfg.shard.group)  # each rank saw only its vocabulary slice
+    loss = (weights * per_token if ratio is None else weights * ratio * per_token).sum()
+    return (loss, per_token, entropy, target_logprob, ratio), grad_h, grad_w
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Value and gradients in one forward (the loss is a terminal scalar, as in Liger-Kernel's fused
+    linear losses); backward only scales the stored gradients by grad_output."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, target, rollout, cfg):
+        out, grad_h, grad_w = _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.grads = (None if grad_h is None else grad_h.to(h_s.dtype),
+                     None if grad_w is None else grad_w.to(w_s.dtype))
+        ctx.mark_non_differentiable(*(t for t in out[1:] if t is not None))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("linear_divergence computes its gradients once, in forward; backward ran twice")
+        grads, ctx.grads = ctx.grads, None
+        grad_h, grad_w = (None if g is None else g.mul_(grad_loss) for g in grads)  # in place: no copy of [V, H]
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _dense_linear(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config) -> DivergenceOutput:
+    """The reference path: full logits (matmul in the input dtype), `dense_divergence`, plain autograd."""
+    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    s = (h_s @ w_s.T).to(dtype)
+    with torch.no_grad():
+        u = (h_t @ w_t.T).to(dtype)
+        log_s = torch.log_softmax(s / cfg.temperature, -1)
+        entropy = -(log_s.exp() * log_s).sum(-1)
+        target_logprob = None if target is None else log_s.gather(-1, target[:, None])[:, 0]
+        del log_s
+    per_token = dense_divergence(s, u, alpha=cfg.alpha, temperature=cfg.temperature, mode=cfg.mode,
+                                 top_k=cfg.top_k, add_tail=cfg.add_tail, target_ids=target)
+    weights = weights.to(dtype)
+    ratio = None
+    if rollout is not None:
+        ratio = _importance_ratio(target_logprob, rollout, cfg.is_clip)
+        weights = weights * ratio
+    return DivergenceOutput((weights * per_token).sum(), per_token.detach(), entropy, target_logprob, ratio)
+
+
+def linear_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    token_weights: Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    mode: str = "full",
+    top_k: int | None = None,
+    add_tail: bool = False,
+    target_ids: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    is_clip: float | None = None,
+    chunked: bool = True,
+    token_chunk: int = 1024,
+    vocab_chunk: int = 16384,
+    process_group=None,
+) -> DivergenceOutput:
+    """Σ_t token_weights[t]·ratio[t]·D[t] from hidden states [N, H] and output weights [V, H].
+
+    token_weights [N] carry masks and normalisation (the caller's). With rollout_logprobs [N]
+    (log S of target_ids at rollout time), ratio = exp(clamp(log S(y) − rollout, ±20)), clipped
+    above at is_clip, detached; otherwise no ratio. Gradients reach the student hidden states and
+    weight only. With process_group, every rank passes the same tokens and its own contiguous slice
+    of both weights' vocabulary rows (rank order); it gets grad_W for its slice and the full grad_h.
+    """
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError(f"hidden states must be [N, H], got student {tuple(student_hidden.shape)}, "
+                         f"teacher {tuple(teacher_hidden.shape)}")
+    n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    _check_shape("student_weight", student_weight, (vocab, student_hidden.shape[1]))
+    _check_shape("teacher_weight", teacher_weight, (vocab, teacher_hidden.shape[1]))
+    _check_shape("teacher_hidden", teacher_hidden, (n, teacher_hidden.shape[1]))
+    _check_shape("token_weights", token_weights, (n,))
+    _check_shape("target_ids", target_ids, (n,))
+    _check_shape("rollout_logprobs", rollout_logprobs, (n,))
+    if student_hidden.dtype != student_weight.dtype or teacher_hidden.dtype != teacher_weight.dtype:
+        raise ValueError(f"hidden states and weights must share a dtype per side, got student "
+                         f"{student_hidden.dtype}/{student_weight.dtype}, "
+                         f"teacher {teacher_hidden.dtype}/{teacher_weight.dtype}")
+    if rollout_logprobs is not None and target_ids is None:
+        raise ValueError("rollout_logprobs (importance ratio) needs target_ids")
+    if temperature <= 0 or token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"temperature, token_chunk and vocab_chunk must be positive, got "
+                         f"{temperature}, {token_chunk}, {vocab_chunk}")
+    if process_group is not None and not chunked:
+        raise ValueError("process_group (vocabulary-parallel) needs chunked=True")
+    shard = _Shard.of(student_weight, process_group)
+    _check_mode(alpha, mode, top_k, target_ids, shard.vocab)
+    cfg = _Config(alpha, temperature, mode, top_k, add_tail, is_clip, token_chunk, vocab_chunk, shard)
+    args = (student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights.detach(),
+            target_ids, None if rollout_logprobs is None else rollout_logprobs.detach())
+    if not chunked:
+        return _dense_linear(*args, cfg)
+    return DivergenceOutput(*_FusedLinearDivergence.apply(*args, cfg))
