@@ -1,0 +1,192 @@
+"""Prompt data: loading, validation and tokenisation, all before any engine is built.
+
+A row holds `prompt` (what the student sees) and `teacher_prompt` (the same request with privileged context),
+each a string or a list of chat messages. Bad rows fail here, naming the row and the fix, so that a mistake
+never costs a model load or a GPU allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+logger = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+MAX_ROWS_NAMED = 5
+
+
+def load_prompt_dataset(source, split: str = "train") -> Dataset:
+    """A `Dataset`, a `DatasetDict` (its `split`), local json/jsonl/parquet/csv files, or a hub name."""
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise ValueError(f"The DatasetDict has no split {split!r}; it has {sorted(source)}. Pass the split "
+                             "you want, e.g. dataset['train'].")
+        return source[split]
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (str, Path)):
+        paths = [Path(p) for p in str(source).split(",")]
+        if all(p.exists() for p in paths):
+            files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+                     if f.suffix in LOCAL_FORMATS]
+            if not files:
+                raise ValueError(f"No .json/.jsonl/.parquet/.csv file found in {source!r}.")
+            kinds = {LOCAL_FORMATS[f.suffix] for f in files}
+            if len(kinds) > 1:
+                raise ValueError(f"{source!r} mixes file formats {sorted(kinds)}; use one format.")
+            return load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+        return load_dataset(str(source), split=split)
+    raise TypeError(f"train_dataset must be a datasets.Dataset, DatasetDict, path or hub name; got "
+                    f"{type(source).__name__}.")
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list)
+
+
+def _check_text(value, column: str, row: int) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"Row {row}: column {column!r} is empty. Remove the row or fill it in.")
+        return
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"Row {row}: column {column!r} is an empty conversation.")
+        for message in value:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"Row {row}: column {column!r} must be a list of {{'role', 'content'}} "
+                                 f"messages; found {message!r}.")
+        if not any(str(m["content"]).strip() for m in value):
+            raise ValueError(f"Row {row}: column {column!r} has only empty messages.")
+        return
+    raise ValueError(f"Row {row}: column {column!r} must be a string or a list of chat messages, not "
+                     f"{type(value).__name__}.")
+
+
+def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
+    """Build `teacher_prompt` from `privileged_context` when the dataset has none (TRL's convenience)."""
+    columns = set(dataset.column_names)
+    if "prompt" not in columns:
+        raise ValueError(f"The dataset needs a 'prompt' column; it has {sorted(columns)}.")
+    if "teacher_prompt" in columns:
+        return dataset
+    if "privileged_context" not in columns:
+        raise ValueError("The dataset needs a 'teacher_prompt' column, or a 'privileged_context' column to build "
+                         f"it from with teacher_prompt_template; it has {sorted(columns)}. Without distinct "
+                         "teacher prompts, set teacher_prompt = prompt.")
+
+    def build(row):
+        prompt, context = row["prompt"], row["privileged_context"]
+        if is_conversation(prompt):
+            *history, last = prompt
+            content = template.format(prompt=last["content"], privileged_context=context)
+            return {"teacher_prompt": [*history, {**last, "content": content}]}
+        return {"teacher_prompt": template.format(prompt=prompt, privileged_context=context)}
+
+    return dataset.map(build)
+
+
+def validate_rows(dataset: Dataset) -> None:
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty.")
+    for row, (prompt, teacher_prompt) in enumerate(zip(dataset["prompt"], dataset["teacher_prompt"])):
+        _check_text(prompt, "prompt", row)
+        _check_text(teacher_prompt, "teacher_prompt", row)
+
+
+def check_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token. Set one before training, e.g. "
+                         "`tokenizer.pad_token = tokenizer.eos_token` (as the Quick Start does).")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; completions could never end. Set tokenizer.eos_token.")
+
+
+def encode(tokenizer, value, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template with a generation prompt."""
+    if is_conversation(value):
+        if tokenizer.chat_template is None:
+            raise ValueError("A conversational prompt needs a tokenizer with a chat template; this tokenizer has "
+                             "none. Set tokenizer.chat_template or pass plain-string prompts.")
+        text = tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False,
+                                             **(chat_template_kwargs or {}))
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(value)["input_ids"]
+
+
+@dataclass
+class TokenizedPrompts:
+    """Token ids per row, cut from the left to their limits, with the cut rows counted."""
+
+    prompt_ids: list[list[int]]
+    teacher_prompt_ids: list[list[int]]
+    truncated_prompts: int
+    truncated_teacher_prompts: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _left_truncate(rows: list[list[int]], limit: int, column: str) -> tuple[list[list[int]], int]:
+    over = [i for i, ids in enumerate(rows) if len(ids) > limit]
+    if over:
+        named = ", ".join(map(str, over[:MAX_ROWS_NAMED])) + (" ..." if len(over) > MAX_ROWS_NAMED else "")
+        logger.warning("%d %s(s) exceed %d tokens and are cut from the left (rows %s). Raise the limit if the "
+                       "start of the prompt matters.", len(over), column, limit, named)
+    return [ids[-limit:] for ids in rows], len(over)
+
+
+def tokenize_prompts(dataset: Dataset, tokenizer, max_prompt_length: int, max_teacher_prompt_length: int,
+                     chat_template_kwargs: dict | None = None) -> TokenizedPrompts:
+    check_tokenizer(tokenizer)
+    validate_rows(dataset)
+    prompts = [encode(tokenizer, p, chat_template_kwargs) for p in dataset["prompt"]]
+    teacher_prompts = [encode(tokenizer, p, chat_template_kwargs) for p in dataset["teacher_prompt"]]
+    prompts, cut = _left_truncate(prompts, max_prompt_length, "prompt")
+    teacher_prompts, teacher_cut = _left_truncate(teacher_prompts, max_teacher_prompt_length, "teacher_prompt")
+    return TokenizedPrompts(prompts, teacher_prompts, cut, teacher_cut)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both [len(rows), longest], real tokens flush right so generation appends."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+class PromptSampler:
+    """Seeded, rank-disjoint order of prompt indices, epoch after epoch; its position is resumable state."""
+
+    def __init__(self, num_rows: int, prompts_per_rank: int, rank: int, world_size: int, seed: int):
+        self.num_rows, self.prompts_per_rank = num_rows, prompts_per_rank
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rounds_per_epoch = num_rows // (prompts_per_rank * world_size)
+        if self.rounds_per_epoch == 0:
+            raise ValueError(f"The dataset has {num_rows} prompts, fewer than one generation round needs "
+                             f"({prompts_per_rank} per rank × {world_size} ranks). Add rows or lower "
+                             "per_device_train_batch_size / steps_per_generation.")
+        self.rounds_done = 0
+
+    def next_round(self) -> list[int]:
+        epoch, index = divmod(self.rounds_done, self.rounds_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_rows, generator=generator)
+        start = (index * self.world_size + self.rank) * self.prompts_per_rank
+        self.rounds_done += 1
+        return order[start:start + self.prompts_per_rank].tolist()
+
+    def state_dict(self) -> dict:
+        return {"rounds_done": self.rounds_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds_done = state["rounds_done"]

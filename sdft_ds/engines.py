@@ -1,0 +1,300 @@
+"""Everything that talks to DeepSpeed: process group, configs, engines, gathers, checkpoints, export.
+
+The rest of the package sees engines through this module only, so a DeepSpeed upgrade or a ZeRO-stage swap
+touches one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+from transformers import AutoModelForCausalLM, get_scheduler
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, set_hf_deepspeed_config
+
+logger = logging.getLogger(__name__)
+
+# DeepSpeed 0.19.8 calls collectives that torch 2.13 deprecates; one warning per step drowns the logs.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+                        r"is deprecated", category=FutureWarning)
+
+
+# ---------------------------------------------------------------- process group
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-rank group for a plain `python script.py`."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def broadcast_object(obj):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ---------------------------------------------------------------- configs
+
+def read_ds_config(source: str | dict) -> dict:
+    if isinstance(source, dict):
+        return json.loads(json.dumps(source))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {source!r} does not exist; pass a path to a JSON file such as "
+                                "ds_configs/zero3_offload.json.")
+    return json.loads(path.read_text())
+
+
+def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
+                   num_training_steps: int) -> HfTrainerDeepSpeedConfig:
+    """Fill `"auto"` from SDFTConfig the way the Hugging Face Trainer does, refusing contradictions.
+
+    Returns the live HfDeepSpeedConfig object: while it is the registered one, `from_pretrained` builds models
+    already partitioned (zero.Init).
+    """
+    config = read_ds_config(source)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        logger.warning("DeepSpeed config %s uses ZeRO stage %s; sdft_ds is built and tested for stage 3.",
+                       source if isinstance(source, str) else "<dict>", stage)
+    hf_args = SimpleNamespace(
+        world_size=world_size, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        learning_rate=args.learning_rate, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay, save_on_each_node=args.save_on_each_node,
+        fp16=args.fp16, bf16=args.bf16, fp16_full_eval=False, bf16_full_eval=False,
+        get_warmup_steps=args.get_warmup_steps)
+    hf_config = HfTrainerDeepSpeedConfig(config)
+    hf_config.trainer_config_process(hf_args)
+    hf_config.trainer_config_finalize(hf_args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)),
+                                      num_training_steps)
+    return hf_config
+
+
+def model_dtype(hf_config: HfDeepSpeedConfig) -> torch.dtype:
+    if hf_config.is_true("bf16.enabled"):
+        return torch.bfloat16
+    if hf_config.is_true("fp16.enabled"):
+        return torch.float16
+    return torch.float32
+
+
+# ---------------------------------------------------------------- models
+
+def default_attn_implementation() -> str:
+    from transformers.utils import is_flash_attn_2_available
+
+    if torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(model, hf_config: HfDeepSpeedConfig, init_kwargs: dict | None,
+                   attn_implementation: str | None) -> nn.Module:
+    """A model object is used as given; a path or name is loaded already partitioned under `hf_config`."""
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a PreTrainedModel or a checkpoint path/name, got {type(model).__name__}.")
+    kwargs = {"dtype": model_dtype(hf_config),
+              "attn_implementation": attn_implementation or default_attn_implementation(), **(init_kwargs or {})}
+    set_hf_deepspeed_config(hf_config)
+    return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
+
+
+class OutputHead(nn.Module):
+    """Runs a function of (hidden states, output weight) inside a module of its own.
+
+    The output weight is registered with ZeRO-3 as this module's external parameter: DeepSpeed gathers it for
+    this module's forward and again for its backward, and its gradient lands in the partitioned parameter,
+    tied to the input embedding or not. Calling the loss outside a module leaves an untied weight
+    partitioned when autograd accumulates its gradient (measured: a shape error).
+    """
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self._weight = [weight]  # a list, so the weight is not registered twice as a parameter
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._weight[0]
+
+    def forward(self, hidden: torch.Tensor, fn, kwargs: dict):
+        return tuple(fn(hidden, self.weight, **kwargs))
+
+
+class Policy(nn.Module):
+    """The causal LM plus an output head, so that one engine forward runs decoder, head and loss."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.head = OutputHead(lm.get_output_embeddings().weight)
+        deepspeed.zero.register_external_parameter(self.head, self.head.weight)
+
+    def forward(self, input_ids, attention_mask, start: int, length: int, token_mask=None, head_fn=None,
+                head_kwargs=None):
+        """Hidden states predicting tokens [start, start + length) — or `head_fn` applied to the masked ones."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as in generate
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
+        hidden = hidden[:, start - 1:start - 1 + length]  # (B, L, H)
+        if head_fn is None:
+            return hidden
+        return self.head(hidden[token_mask], head_fn, head_kwargs or {})
+
+
+def output_weight(engine) -> nn.Parameter:
+    return engine.module.head.weight
+
+
+def language_model(engine) -> nn.Module:
+    return engine.module.lm
+
+
+def build_student_engine(lm: nn.Module, hf_config: HfTrainerDeepSpeedConfig, args, num_training_steps: int):
+    if args.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    policy = Policy(lm)
+    scheduler = None
+    if "scheduler" not in hf_config.config:
+        def scheduler(optimizer):
+            return get_scheduler(args.lr_scheduler_type, optimizer,
+                                 num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                                 num_training_steps=num_training_steps)
+    if "optimizer" not in hf_config.config:
+        raise ValueError("The student DeepSpeed config has no 'optimizer' section. Add one (see "
+                         "ds_configs/zero3_offload.json) so DeepSpeed builds its own, e.g. DeepSpeedCPUAdam "
+                         "under optimizer offload.")
+    engine, *_ = deepspeed.initialize(model=policy, config=hf_config.config,
+                                      model_parameters=[p for p in policy.parameters() if p.requires_grad],
+                                      lr_scheduler=scheduler)
+    engine.train()
+    return engine
+
+
+def build_teacher_engine(lm: nn.Module, hf_config: HfTrainerDeepSpeedConfig):
+    """An inference-only engine: no optimizer, no gradients, eval mode."""
+    lm.requires_grad_(False)
+    lm.config.use_cache = False
+    engine, *_ = deepspeed.initialize(model=Policy(lm), config=hf_config.config)
+    engine.eval()
+    return engine
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+
+
+def architecture(engine) -> tuple:
+    """What EMA needs to be equal: parameter names and full shapes."""
+    return tuple((name, tuple(getattr(p, "ds_shape", p.shape)))
+                 for name, p in language_model(engine).named_parameters())
+
+
+def numel(engine) -> tuple[int, int]:
+    """(parameters held on this rank, parameters of the whole model)."""
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    return local, total
+
+
+# ---------------------------------------------------------------- gathers
+
+def gathered(params, modifier_rank: int | None = None):
+    """Full copies of ZeRO-3 parameters for the duration of a `with` block (a no-op when not partitioned)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def gathered_model(engine):
+    return gathered(list(engine.module.parameters()))
+
+
+def ema_update(teacher_engine, student_engine, rate: float) -> None:
+    """θ_T ← (1 − r)·θ_T + r·θ_S, one parameter pair gathered at a time, never the whole model."""
+    pairs = zip(language_model(teacher_engine).parameters(), language_model(student_engine).parameters())
+    with torch.no_grad():
+        for teacher_param, student_param in pairs:
+            with gathered([student_param]), gathered([teacher_param], modifier_rank=0):
+                teacher_param.lerp_(student_param.to(teacher_param.dtype), rate)
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full 16-bit state dict of the LM on rank 0 (empty on other ranks); every rank must call it."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    return {k.removeprefix("lm."): v for k, v in (state or {}).items() if k.startswith("lm.")}
+
+
+def save_checkpoint(engine, directory: str, tag: str, client_state: dict) -> None:
+    engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+
+def load_checkpoint(engine, directory: str, tag: str | None = None, with_optimizer: bool = True) -> dict:
+    _, client_state = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=with_optimizer,
+                                             load_lr_scheduler_states=with_optimizer,
+                                             load_module_only=not with_optimizer)
+    if client_state is None:
+        raise FileNotFoundError(f"No DeepSpeed checkpoint found in {directory!r} (tag {tag!r}).")
+    return client_state
+
+
+def global_step(engine) -> int:
+    return engine.global_steps
+
+
+def learning_rate(engine) -> float:
+    return engine.get_lr()[0]
