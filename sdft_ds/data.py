@@ -91,8 +91,9 @@ def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
     return dataset.map(build)
 
 
-def validate_rows(dataset: Dataset) -> None:
-    if len(dataset) == 0:
+def validate_rows(dataset) -> None:
+    """`dataset`: anything with `prompt` and `teacher_prompt` columns (a Dataset, a dict of lists)."""
+    if len(dataset["prompt"]) == 0:
         raise ValueError("The training dataset is empty.")
     for row, (prompt, teacher_prompt) in enumerate(zip(dataset["prompt"], dataset["teacher_prompt"])):
         _check_text(prompt, "prompt", row)

@@ -197,6 +197,7 @@ class SDFTTrainer:
         stats = StepStats()
         while self.step < self.total_steps:
             started = time.perf_counter()
+            learning_rate = engines.learning_rate(self.student)  # the rate this step uses
             if not self.queue:
                 self.queue = self._generate_round()
             micro_batches = [self.queue.pop(0) for _ in range(args.gradient_accumulation_steps)]
@@ -207,10 +208,11 @@ class SDFTTrainer:
             self.step += 1
             self._sync_teacher()
             stats.sums["seconds"] += time.perf_counter() - started
+            stats.sums["steps"] += 1
             tracker.advance(self.step)
             if self.step % args.logging_steps == 0 or self.step == self.total_steps:
                 metrics = stats.reduce(self.world_size)
-                metrics.update(learning_rate=engines.learning_rate(self.student), teacher_syncs=self.teacher_syncs,
+                metrics.update(learning_rate=learning_rate, teacher_syncs=self.teacher_syncs,
                                prompts_truncated=self.prompts_truncated)
                 tracker.log(metrics, self.step)
                 stats = StepStats()
@@ -405,7 +407,7 @@ class StepStats:
     """Sums, minima and maxima of one logging window, reduced over ranks with three collectives."""
 
     SUMS = ("loss", "micro_batches", "divergence", "entropy", "loss_tokens", "length", "completions", "truncated",
-            "ratio", "ratio_tokens", "ratio_clipped", "seconds")
+            "ratio", "ratio_tokens", "ratio_clipped", "seconds", "steps")
     EXTREMES = ("length", "ratio")
 
     def __init__(self):
@@ -451,7 +453,7 @@ class StepStats:
         metrics = {"loss": t["loss"] / t["micro_batches"], "divergence": t["divergence"] / tokens,
                    "entropy": t["entropy"] / tokens, "completion_length": t["length"] / t["completions"],
                    "completion_length_min": low["length"], "completion_length_max": high["length"],
-                   "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["seconds"] / world_size,
+                   "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["seconds"] / t["steps"],
                    "tokens_per_second": t["length"] / max(t["seconds"] / world_size, 1e-9)}
         if t["ratio_tokens"]:
             metrics.update(is_ratio_mean=t["ratio"] / t["ratio_tokens"], is_ratio_min=low["ratio"],

@@ -1,0 +1,68 @@
+"""Shared test plumbing: CPU DeepSpeed environment, a 2-rank launcher, the shipped tiny assets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("SDFT_PROGRESS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _remove_shm(port: int) -> None:
+    # The deepspeed launcher leaves 66 MB shared-memory buffers per rank, named after the port.
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
+
+
+def launch(command: list[str], timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `command` (after `deepspeed --num_gpus N --master_port P`) and fail with its output on error."""
+    port = free_port()
+    full = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+            *command]
+    try:
+        done = subprocess.run(full, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    finally:
+        _remove_shm(port)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
+                    f"--- stderr\n{done.stderr[-8000:]}")
+    return done
+
+
+def run_python(command: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
+                    f"--- stderr\n{done.stderr[-8000:]}")
+    return done
+
+
+def read_reports(directory: Path, ranks: int = 2) -> list[dict]:
+    return [json.loads((directory / f"report-rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from sdft_ds.assets import TOKENIZER_DIR
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)

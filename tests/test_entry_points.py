@@ -1,0 +1,32 @@
+"""The user-facing entry points run as a user runs them: the seed's Quick Start as a plain script, the
+README's demo command, and launch/train.py with a recipe."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+
+def test_quickstart_runs_as_a_plain_single_process_script(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run(["python", str(REPO / "launch" / "quickstart.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert "1 optimizer steps" in done.stdout + done.stderr
+
+
+@pytest.mark.multirank
+def test_demo_command_trains_and_reports_where_the_model_went(tmp_path):
+    port = free_port()
+    out = tmp_path / "demo"
+    done = subprocess.run(["bash", "launch/demo.sh", "--max_steps", "4", "--logging_steps", "2",
+                           "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MASTER_PORT": str(port)})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    assert f"trained model saved to {out}" in done.stdout
+    assert "held-out divergence" in done.stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -1,0 +1,41 @@
+"""Completion masks and sampling settings: positions, not token identity, decide what the loss sees."""
+
+import torch
+from deepspeed.runtime.rollout import RolloutBatch, SamplingConfig
+from transformers import AutoModelForCausalLM
+
+from sdft_ds.assets import model_dir
+from sdft_ds.rollout import completion_mask, generation_config, split_completions
+
+EOS, END, PAD = 5, 6, 5  # pad == eos, as after `tokenizer.pad_token = tokenizer.eos_token`
+
+
+def test_mask_keeps_tokens_through_the_first_eos_only():
+    ids = torch.tensor([[1, 2, EOS, PAD, PAD],   # stops at EOS; the pads after it equal EOS
+                        [1, END, 3, 4, EOS],     # a second EOS id (chat models) stops it earlier
+                        [1, 2, 3, 4, 7],         # truncated: no EOS, kept whole
+                        [EOS, PAD, PAD, PAD, PAD]])  # immediate EOS: one token
+    mask, truncated = completion_mask(ids, [EOS, END])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+
+
+def test_split_completions_reads_after_the_prompt_and_refills_padding():
+    input_ids = torch.tensor([[0, 9, 9, 1, EOS, 3], [9, 9, 9, 1, 2, 3]])
+    batch = RolloutBatch(input_ids, torch.ones_like(input_ids), torch.tensor([3, 3]))
+    completions = split_completions(batch, [EOS], pad_id=0)
+    assert completions.ids.tolist() == [[1, EOS, 0], [1, 2, 3]]
+    assert completions.lengths.tolist() == [2, 3]
+
+
+def test_generation_ignores_the_models_own_sampling_defaults():
+    model = AutoModelForCausalLM.from_pretrained(model_dir("tiny-qwen2-student"))
+    model.generation_config.repetition_penalty = 1.05  # as Qwen2.5-Instruct ships
+    model.generation_config.top_k = 20
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=0)
+    config, _ = model._prepare_generation_config(generation_config(sampling, [EOS], 0))
+    processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=3,
+                                             encoder_input_ids=torch.zeros(1, 3, dtype=torch.long),
+                                             prefix_allowed_tokens_fn=None, logits_processor=None)
+    names = sorted(type(p).__name__ for p in processors)
+    assert names == ["TemperatureLogitsWarper", "TopPLogitsWarper"], names
