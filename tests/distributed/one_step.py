@@ -1,0 +1,55 @@
+"""Run under `deepspeed --num_gpus 2` by tests/test_zero3_step.py: one SDFT optimizer step on fixed
+completions; rank 0 saves every rank's inputs and the updated (gathered) student weights.
+
+    deepspeed --num_gpus 2 tests/distributed/one_step.py --out DIR --student tiny-llama --alpha 0.5
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from sdft_ds import SDFTConfig, SDFTTrainer, engines
+from sdft_ds.assets import DEMO_HELDOUT, TOKENIZER_DIR, model_dir
+from sdft_ds.data import load_prompt_dataset, tokenize_prompts, with_teacher_prompts
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--student", default="tiny-qwen2-student")
+parser.add_argument("--alpha", type=float, default=0.0)
+parser.add_argument("--impl", default="chunked")
+parser.add_argument("--local_rank", type=int, default=-1)
+cli = parser.parse_args()
+
+tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+# lr = 1 and eps = 1 make Adam's first update g / (|g| + 1): nearly linear in the gradient, so a wrong
+# gradient scale shows up (with the usual eps the first step is ~lr·sign(g) and hides it).
+config = SDFTConfig(output_dir=cli.out, per_device_train_batch_size=2, max_steps=1, learning_rate=1.0,
+                    adam_epsilon=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", distillation_alpha=cli.alpha,
+                    divergence_impl=cli.impl, divergence_token_chunk=5, divergence_vocab_chunk=100,
+                    num_loss_tokens_to_skip=1, max_completion_length=16, seed=0)
+trainer = SDFTTrainer(model=str(model_dir(cli.student)), ref_model=str(model_dir("tiny-qwen2-teacher")),
+                      args=config, processing_class=tokenizer, train_dataset=str(DEMO_HELDOUT))
+rank = trainer.rank
+
+rows = with_teacher_prompts(load_prompt_dataset(str(DEMO_HELDOUT)), config.teacher_prompt_template)
+mine = rows.select(range(2 * rank, 2 * rank + 2))
+prompts = tokenize_prompts(mine, tokenizer, config.max_prompt_length, config.max_teacher_prompt_length)
+answers = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in mine["answer"]]
+width = max(map(len, answers)) + 2  # trailing padding after EOS must stay out of the loss
+completion_ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
+completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers])
+batch = trainer._micro_batch(prompts.prompt_ids, prompts.teacher_prompt_ids, completion_ids, completion_mask,
+                             torch.zeros(2, dtype=torch.bool))
+before = engines.consolidated_state_dict(trainer.student)
+trainer._train_micro_batch(batch, token_count=0.0)
+after = engines.consolidated_state_dict(trainer.student)
+inputs = {k: torch.as_tensor(getattr(batch, k)).cpu() for k in ("input_ids", "attention_mask", "start", "teacher_input_ids",
+                                                "teacher_attention_mask", "teacher_start", "completion_ids",
+                                                "completion_mask", "loss_mask")}
+gathered = [None] * trainer.world_size
+dist.all_gather_object(gathered, inputs)
+if rank == 0:
+    torch.save({"batches": gathered, "before": before, "after": after}, Path(cli.out) / "step.pt")
