@@ -165,8 +165,10 @@ class SDFTConfig:
             raise ValueError("Set max_steps > 0 or num_train_epochs > 0.")
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
-        if self.steps_per_generation < 1:
-            raise ValueError(f"steps_per_generation must be at least 1, got {self.steps_per_generation}.")
+        if self.steps_per_generation < 1 or self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation={self.steps_per_generation} must be a positive multiple of "
+                             f"gradient_accumulation_steps={self.gradient_accumulation_steps}, so that a generated "
+                             "batch serves whole optimizer steps.")
         completions = self.per_device_train_batch_size * self.steps_per_generation
         if completions % self.num_generations:
             raise ValueError(
