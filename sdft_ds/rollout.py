@@ -46,6 +46,13 @@ def completion_mask(ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor
     return mask, ~has_eos
 
 
+def loss_mask(completion_mask: torch.Tensor, num_tokens_to_skip: int) -> torch.Tensor:
+    """The completion mask less the first `num_tokens_to_skip` tokens of every completion (paper: 3)."""
+    mask = completion_mask.clone()
+    mask[:, :num_tokens_to_skip] = 0
+    return mask
+
+
 def split_completions(batch: RolloutBatch, eos_ids: list[int], pad_id: int) -> Completions:
     """Completion tokens of a rollout whose responses all start at the same column (left-padded prompts)."""
     start = int(batch.response_start_idx[0])

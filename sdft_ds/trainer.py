@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from sdft_ds import checkpoint, engines
 from sdft_ds.config import SDFTConfig
 from sdft_ds.data import PromptSampler, left_pad, load_prompt_dataset, tokenize_prompts, with_teacher_prompts
 from sdft_ds.divergence import DivergenceOutput, linear_divergence
-from sdft_ds.rollout import build_rollout, split_completions
+from sdft_ds.rollout import build_rollout, loss_mask, split_completions
 from sdft_ds.tracking import logger, make_tracker
 
 
@@ -60,6 +60,14 @@ def _head_logprobs(hidden, weight, target_ids, temperature, vocab_chunk):
     out = linear_divergence(hidden, weight, hidden, weight, zeros, alpha=0.0, temperature=temperature,
                             target_ids=target_ids, vocab_chunk=vocab_chunk)
     return (out.target_logprob,)
+
+
+def _ships_tokenizer(name_or_path: str) -> bool:
+    """A local folder without tokenizer files would load as an empty tokenizer; hub names are checked."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return not path.exists()
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
 def _architecture_key(config) -> dict:
@@ -142,12 +150,8 @@ class SDFTTrainer:
         if len(self.tokenizer) > student_config.vocab_size:
             raise ValueError(f"The tokenizer has {len(self.tokenizer)} tokens but the model only "
                              f"{student_config.vocab_size} embedding rows; pass the model's own tokenizer.")
-        if isinstance(ref_model, str):
-            try:
-                teacher_vocab = AutoTokenizer.from_pretrained(ref_model).get_vocab()
-            except OSError:
-                teacher_vocab = None
-            if teacher_vocab is not None and teacher_vocab != self.tokenizer.get_vocab():
+        if isinstance(ref_model, str) and _ships_tokenizer(ref_model):
+            if AutoTokenizer.from_pretrained(ref_model).get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"The teacher {ref_model!r} ships a different tokenizer from the student's; SDFT "
                                  "needs one shared vocabulary.")
         if self.args.teacher_mode == "ema" and _architecture_key(teacher_config) != _architecture_key(student_config):
@@ -259,11 +263,10 @@ class SDFTTrainer:
 
         input_ids, attention_mask, start = join(prompts)
         teacher_input_ids, teacher_attention_mask, teacher_start = join(teacher_prompts)
-        loss_mask = completion_mask.clone()
-        loss_mask[:, :self.args.num_loss_tokens_to_skip] = 0
         return MicroBatch(input_ids, attention_mask, start, teacher_input_ids, teacher_attention_mask,
                           teacher_start, completion_ids.to(device), completion_mask.to(device),
-                          loss_mask.to(device), truncated, self.step)
+                          loss_mask(completion_mask, self.args.num_loss_tokens_to_skip).to(device), truncated,
+                          self.step)
 
     def _global_loss_tokens(self, micro_batches: list[MicroBatch]) -> float:
         """Loss tokens of the whole optimizer step over all ranks (token normalisation); one all-reduce."""

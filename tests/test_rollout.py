@@ -5,7 +5,7 @@ from deepspeed.runtime.rollout import RolloutBatch, SamplingConfig
 from transformers import AutoModelForCausalLM
 
 from sdft_ds.assets import model_dir
-from sdft_ds.rollout import completion_mask, generation_config, split_completions
+from sdft_ds.rollout import completion_mask, generation_config, loss_mask, split_completions
 
 EOS, END, PAD = 5, 6, 5  # pad == eos, as after `tokenizer.pad_token = tokenizer.eos_token`
 
@@ -39,3 +39,9 @@ def test_generation_ignores_the_models_own_sampling_defaults():
                                              prefix_allowed_tokens_fn=None, logits_processor=None)
     names = sorted(type(p).__name__ for p in processors)
     assert names == ["TemperatureLogitsWarper", "TopPLogitsWarper"], names
+
+
+def test_skipped_leading_tokens_leave_the_loss_but_not_the_completion():
+    mask, _ = completion_mask(torch.tensor([[1, 2, 3, EOS, PAD], [1, EOS, PAD, PAD, PAD]]), [EOS])
+    assert loss_mask(mask, 3).tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]  # a short one contributes nothing
+    assert loss_mask(mask, 0).tolist() == mask.tolist()

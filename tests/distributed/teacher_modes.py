@@ -1,0 +1,117 @@
+"""Run under `deepspeed --num_gpus 2` by tests/test_teacher_modes.py: several short trainers in one process
+(EMA at two rates, live, generation from the teacher, rollout reuse); each rank writes report-rank<R>.json.
+
+    deepspeed --num_gpus 2 tests/distributed/teacher_modes.py --out DIR
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from sdft_ds import SDFTConfig, SDFTTrainer, engines
+from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--local_rank", type=int, default=-1)
+out = Path(parser.parse_args().out)
+tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+student = str(model_dir("tiny-qwen2-student"))
+rank, _ = engines.init_distributed()
+report: dict = {}
+
+# A teacher with the student's architecture but other weights, so that EMA has something to average.
+perturbed = out / "perturbed-student"
+if rank == 0:
+    unset_hf_deepspeed_config()
+    model = AutoModelForCausalLM.from_pretrained(student)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(perturbed)
+engines.barrier()
+
+
+def trainer(ref_model=None, dataset=str(DEMO_TRAIN), **settings):
+    base = dict(output_dir=str(out / "run"), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2,
+                lr_scheduler_type="constant", max_completion_length=8, logging_steps=1, seed=0)
+    return SDFTTrainer(model=student, ref_model=ref_model, args=SDFTConfig(**{**base, **settings}),
+                       processing_class=tokenizer, train_dataset=dataset)
+
+
+def weights(engine):
+    return {k: v.double() for k, v in engines.consolidated_state_dict(engine).items()}
+
+
+# EMA: θ_T ← (1 − r)·θ_T + r·θ_S after the step, compared on gathered weights.
+for rate in (0.01, 1.0):
+    ema = trainer(ref_model=str(perturbed), teacher_mode="ema", teacher_update_rate=rate)
+    teacher_before = weights(ema.teacher)
+    metrics = ema.train()
+    student_after, teacher_after = weights(ema.student), weights(ema.teacher)
+    if rank == 0:
+        report[f"ema_{rate}_max_error"] = max(
+            (teacher_after[k] - ((1 - rate) * teacher_before[k] + rate * student_after[k])).abs().max().item()
+            for k in teacher_before)
+        report[f"ema_{rate}_teacher_moved"] = max((teacher_after[k] - teacher_before[k]).abs().max().item()
+                                                  for k in teacher_before)
+    report[f"ema_{rate}_syncs"] = metrics["teacher_syncs"]
+
+# Live: the teacher is the current student. After training on demonstrations the student has changed, yet
+# where teacher_prompt == prompt the divergence is exactly 0 (a copy taken at the start would differ).
+same = Dataset.from_dict({"prompt": ["Reverse the word 'cherry'."] * 4,
+                          "teacher_prompt": ["Reverse the word 'cherry'."] * 4, "answer": ["yrrehc"] * 4})
+live = trainer(teacher_mode="live", max_steps=2, learning_rate=5e-2)
+student_before = weights(live.student)
+live.train()
+student_after = weights(live.student)
+report["live_teacher_is_student"] = live.teacher is live.student
+report["live_heldout_divergence"] = live.heldout_divergence(same)
+if rank == 0:
+    report["live_student_moved"] = max((student_after[k] - student_before[k]).abs().max().item()
+                                       for k in student_before)
+
+# generate_from_teacher: the rollout is conditioned on teacher prompts; the student trains on its own prompts.
+from_teacher = trainer(ref_model=str(model_dir("tiny-qwen2-teacher")), generate_from_teacher=True)
+seen = []
+generate = from_teacher.rollout.generate
+from_teacher.rollout.generate = lambda request, sampling: seen.append(request.prompt_ids.clone()) or generate(
+    request, sampling)
+rows = from_teacher.sampler.next_round()
+from_teacher.sampler.rounds_done -= 1  # replay the same round through the trainer
+batches = from_teacher._generate_round()
+pad = tokenizer.pad_token_id
+
+
+def unpadded(ids):
+    return [[t for t in row if t != pad] for row in ids.tolist()]
+
+
+report["rollout_engine_is_teacher"] = from_teacher.rollout.engine is from_teacher.teacher
+report["generation_saw_teacher_prompts"] = unpadded(seen[0]) == [from_teacher.prompts.teacher_prompt_ids[i]
+                                                                 for i in rows]
+report["student_batch_has_student_prompts"] = unpadded(batches[0].input_ids[:, :batches[0].start]) == [
+    from_teacher.prompts.prompt_ids[i] for i in rows]
+report["teacher_batch_has_teacher_prompts"] = unpadded(
+    batches[0].teacher_input_ids[:, :batches[0].teacher_start]) == [from_teacher.prompts.teacher_prompt_ids[i]
+                                                                    for i in rows]
+
+# Rollout reuse: two passes over each generated batch. The first pass is on-policy (no ratio); the second
+# sees a changed student, so the clipped ratio applies.
+reuse = trainer(ref_model=str(model_dir("tiny-qwen2-teacher")), num_iterations=2, max_steps=2,
+                learning_rate=5e-2, distillation_is_clip=1.02)
+step_metrics = []
+for _ in range(2):  # one train() call per step, to read each step's metrics
+    reuse.total_steps = reuse.step + 1
+    step_metrics.append(reuse.train())
+report["reuse_step1_has_ratio"] = "is_ratio_mean" in step_metrics[0]
+report["reuse_step2_ratio"] = {k: v for k, v in step_metrics[1].items() if k.startswith("is_ratio")}
+report["reuse_queue_consumed"] = len(reuse.queue) == 0
+
+(out / f"report-rank{rank}.json").write_text(json.dumps(report, indent=1))
