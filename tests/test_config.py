@@ -1,5 +1,7 @@
 """SDFTConfig validation and the command line: recipes, overrides, and errors that name the fix."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -60,3 +62,24 @@ def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(recipe)])
     assert "unknown field(s) ['learnig_rate']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted((DS_CONFIG_DIR.parent / "launch" / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_recipes_parse_validate_and_document_hardware(recipe):
+    script, config = parse_args(["--config", str(recipe)])
+    assert "Hardware:" in recipe.read_text()
+    for ds_config in (config.student_ds_config_path(), config.teacher_ds_config_path()):
+        assert (DS_CONFIG_DIR.parent / ds_config).is_file() or Path(ds_config).is_file()
+    assert script.model_name_or_path
+
+
+def test_paper_recipe_holds_the_papers_settings():
+    _, config = parse_args(["--config", str(DS_CONFIG_DIR.parent / "launch/recipes/paper_tool_use.yaml")])
+    assert (config.distillation_alpha, config.distillation_mode, config.teacher_mode) == (0.0, "full", "ema")
+    assert (config.teacher_update_rate, config.teacher_sync_steps, config.num_generations) == (0.01, 1, 1)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 32)
+    assert (config.learning_rate, config.lr_scheduler_type, config.num_train_epochs) == (1e-5, "cosine", 2)
+    assert config.bf16 and config.num_loss_tokens_to_skip == 3
+    assert (config.max_prompt_length, config.max_completion_length) == (1024, 2048)
+    assert "including the thinking process" in config.teacher_prompt_template
