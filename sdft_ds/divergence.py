@@ -56,12 +56,13 @@ def _pointwise(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
 
 
 def _score(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
-    """ψ_v = ∂D/∂log S_v holding the other log-probs fixed; then ∂D/∂s_v = ψ_v − S_v·Σψ."""
+    """ψ_v = ∂D/∂log S_v holding the other log-probs fixed; then ∂D/∂s_v = ψ_v − S_v·Σψ.
+    (Chunked path only, no autograd: in-place ops keep the live tiles few.)"""
     if alpha == 0:
-        return -log_t.exp()
+        return log_t.exp().neg_()
     if alpha == 1:
-        return log_s.exp() * (log_s - log_t + 1)
-    return (1 - alpha) * log_s.exp() * (log_s - _log_mixture(log_s, log_t, alpha))
+        return (log_s - log_t).add_(1).mul_(log_s.exp())
+    return (log_s - _log_mixture(log_s, log_t, alpha)).mul_(log_s.exp()).mul_(1 - alpha)
 
 
 def _support_logprobs(log_p: Tensor, add_tail: bool) -> Tensor:
@@ -158,8 +159,8 @@ class _Softmax(NamedTuple):
     @classmethod
     def of(cls, x: Tensor, *f: Tensor) -> _Softmax:
         m = x.amax(-1)
-        e = torch.exp(x - m[:, None])
-        w = torch.stack([torch.linalg.vecdot(e, fi) for fi in f], -1) if f else x.new_zeros(len(x), 0)
+        e = (x - m[:, None]).exp_()
+        w = torch.cat([torch.bmm(e[:, None, :], fi[:, :, None])[:, 0] for fi in f], -1) if f else x.new_zeros(len(x), 0)
         return cls(m, e.sum(-1), w)
 
     def merge(self, other: _Softmax) -> _Softmax:
@@ -250,19 +251,35 @@ class _Tiles:
         self.h_s, self.w_s, self.h_t, self.w_t = h_s, w_s, h_t, w_t
         self.grad_h, self.grad_w = grad_h, grad_w  # views into the accumulators, or None
         self.tau, self.chunk, self.shard, self.dtype = temperature, vocab_chunk, shard, dtype
+        self.kept = [None, None]  # student, teacher tile when a single tile covers the slice
 
     @property
     def wants_grad(self) -> bool:
         return self.grad_h is not None or self.grad_w is not None
 
-    def _logits(self, h: Tensor, w: Tensor) -> Tensor:
-        return (h @ w.T).to(self.dtype).div_(self.tau)
+    def _logits(self, teacher: bool, c: slice) -> Tensor:
+        """A logit tile. When one tile spans the whole slice it is kept for the later passes instead
+        of recomputed (Liger's token-only layout: vocab_chunk >= the slice's rows)."""
+        h, w = (self.h_t, self.w_t) if teacher else (self.h_s, self.w_s)
+        if self.kept[teacher] is not None:
+            return self.kept[teacher]
+        if h.dtype == self.dtype:  # 1/τ in the GEMM epilogue
+            x = torch.addmm(h.new_zeros(()), h, w[c].T, beta=0, alpha=1 / self.tau)
+        else:  # a bf16 product rounded once (as a bf16 lm_head's), then scaled in fp32
+            x = (h @ w[c].T).to(self.dtype).div_(self.tau)
+        if w.shape[0] <= self.chunk:
+            self.kept[teacher] = x
+        return x
 
-    def tiles(self, teacher: bool):
-        """Yield (local vocabulary slice c, s tile [n, c], u tile or None)."""
+    def tiles(self, teacher: bool, last: bool = False):
+        """Yield (local vocabulary slice c, s tile [n, c], u tile or None). On the last pass the
+        caller owns the tiles and may overwrite them."""
         for c0 in range(0, self.w_s.shape[0], self.chunk):
             c = slice(c0, c0 + self.chunk)
-            yield c, self._logits(self.h_s, self.w_s[c]), self._logits(self.h_t, self.w_t[c]) if teacher else None
+            s, u = self._logits(False, c), self._logits(True, c) if teacher else None
+            if last:
+                self.kept = [None, None]
+            yield c, s, u
 
     def accumulate(self, c: slice, g: Tensor) -> None:
         if self.grad_h is not None:
@@ -293,16 +310,18 @@ class _Tiles:
             token = own.nonzero()[:, 0]
             self.grad_w.index_add_(0, local[own], (g[own][:, None] * self.h_s[token]).to(self.grad_w.dtype))
 
-    def stream(self, teacher: bool, top_k: int | None) -> tuple[_Softmax, _Softmax | None, _TopK | None]:
-        """Pass 1: student (m, d, [Σe·s, Σe·u]), teacher (m, d), top-k candidates; merged over ranks."""
+    def stream(self, teacher: bool, top_k: int | None, alpha: float | None):
+        """Pass 1, merged over ranks: student (m, d, Σe·s[, Σe·u if alpha = 1]), teacher (m, d[, Σe·u,
+        Σe·s if alpha = 0]) and top-k candidates. The moments give the entropy and both KLs."""
         n = len(self.h_s)
-        student = _Softmax.empty(n, 1 + teacher, self.h_s.new_empty(0, dtype=self.dtype))
-        teach = _Softmax.empty(n, 0, student.m) if teacher else None
-        cands = _TopK.empty(n, top_k, student.m) if top_k else None
+        like = self.h_s.new_empty(0, dtype=self.dtype)
+        student = _Softmax.empty(n, 1 + (alpha == 1), like)
+        teach = _Softmax.empty(n, 2 * (alpha == 0), like) if teacher else None
+        cands = _TopK.empty(n, top_k, like) if top_k else None
         for c, s, u in self.tiles(teacher):
-            student = student.merge(_Softmax.of(s, s, u) if teacher else _Softmax.of(s, s))
+            student = student.merge(_Softmax.of(s, s, u) if alpha == 1 else _Softmax.of(s, s))
             if teacher:
-                teach = teach.merge(_Softmax.of(u))
+                teach = teach.merge(_Softmax.of(u, u, s) if alpha == 0 else _Softmax.of(u))
             if top_k:
                 cands = cands.merge(_TopK.of(s, top_k, self.shard.offset + c.start))
         return self.shard.fold(student), self.shard.fold(teach), self.shard.fold(cands)
@@ -312,14 +331,15 @@ class _Tiles:
 # One small function per divergence support
 
 
-def _full_divergence(tiles: _Tiles, A: Tensor, B: Tensor, moments: Tensor, alpha: float, w: Tensor) -> Tensor:
-    """D over the whole vocabulary. ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass: it is −1
-    for α = 0, KL + 1 for α = 1 (KL from the streamed moments), and one more pass for the JSD."""
-    value = None
+def _full_divergence(tiles: _Tiles, student: _Softmax, teacher: _Softmax, alpha: float, w: Tensor) -> Tensor:
+    """D over the whole vocabulary. ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass: the KLs come
+    from the streamed moments (Σψ = −1 for α = 0, KL + 1 for α = 1); the JSD takes one more pass."""
+    A, B = student.lse(), teacher.lse()
     if alpha == 0:
+        value = (teacher.mean() @ torch.tensor([1.0, -1.0], dtype=A.dtype, device=A.device)) - B + A  # ΣT(u−s)−B+A
         psi_sum = torch.full_like(A, -1.0)
     elif alpha == 1:
-        value = moments[:, 0] - moments[:, 1] - A + B  # Σ S(s − u) − A + B
+        value = (student.mean() @ torch.tensor([1.0, -1.0], dtype=A.dtype, device=A.device)) - A + B  # ΣS(s−u)−A+B
         psi_sum = value + 1
     else:
         value, psi_sum = torch.zeros_like(A), torch.zeros_like(A)
@@ -328,16 +348,13 @@ def _full_divergence(tiles: _Tiles, A: Tensor, B: Tensor, moments: Tensor, alpha
             value += _pointwise(log_s, log_t, alpha).sum(-1)
             psi_sum += _score(log_s, log_t, alpha).sum(-1)
         value, psi_sum = tiles.shard.sum(value), tiles.shard.sum(psi_sum)
-    if value is not None and not tiles.wants_grad:
-        return value
-    acc = torch.zeros_like(A)
-    for c, s, u in tiles.tiles(teacher=True):
-        log_s, log_t = s - A[:, None], u - B[:, None]
-        if value is None:
-            acc += _pointwise(log_s, log_t, alpha).sum(-1)
-        if tiles.wants_grad:
-            tiles.accumulate(c, w[:, None] * (_score(log_s, log_t, alpha) - log_s.exp() * psi_sum[:, None]))
-    return tiles.shard.sum(acc) if value is None else value
+    if tiles.wants_grad:
+        for c, s, u in tiles.tiles(teacher=True, last=True):
+            log_s, log_t = s.sub_(A[:, None]), u.sub_(B[:, None])
+            g = _score(log_s, log_t, alpha)
+            g -= log_s.exp_().mul_(psi_sum[:, None])  # ψ − S·Σψ
+            tiles.accumulate(c, g.mul_(w[:, None]))
+    return value
 
 
 def _support_divergence(tiles: _Tiles, A: Tensor, B: Tensor | None, ids: Tensor, mode: str,
@@ -361,8 +378,8 @@ def _support_divergence(tiles: _Tiles, A: Tensor, B: Tensor | None, ids: Tensor,
     if g_lse is None:
         tiles.accumulate_at(ids, g_k)
         return value.detach()
-    for c, s, _ in tiles.tiles(teacher=False):  # both parts in one tile: they nearly cancel at the ids
-        g = g_lse[:, None] * torch.exp(s - A[:, None])
+    for c, s, _ in tiles.tiles(teacher=False, last=True):  # both parts in one tile: they nearly cancel at the ids
+        g = s.sub_(A[:, None]).exp_().mul_(g_lse[:, None])
         local = ids - (tiles.shard.offset + c.start)
         inside = (local >= 0) & (local < g.shape[1])
         tiles.accumulate(c, g.scatter_add_(1, local.clamp(0, g.shape[1] - 1), torch.where(inside, g_k, 0)))
@@ -401,10 +418,10 @@ def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, n
         r = slice(r0, r0 + cfg.token_chunk)
         tiles = _Tiles(h_s[r], w_s, h_t[r], w_t, None if grad_h is None else grad_h[r], grad_w,
                        temperature=cfg.temperature, vocab_chunk=cfg.vocab_chunk, shard=cfg.shard, dtype=dtype)
-        student, teacher, cands = tiles.stream(teacher_lse, cfg.top_k if cfg.mode == "topk" else None)
+        student, teacher, cands = tiles.stream(teacher_lse, cfg.top_k if cfg.mode == "topk" else None,
+                                               cfg.alpha if cfg.mode == "full" else None)
         A, B = student.lse(), (teacher.lse() if teacher is not None else None)
-        moments = student.mean()
-        entropy[r] = A - moments[:, 0]
+        entropy[r] = A - student.mean()[:, 0]
         w = weights[r]
         if target is not None:
             target_logprob[r] = tiles.logits_at(False, target[r, None])[:, 0] - A
@@ -412,7 +429,7 @@ def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, n
             ratio[r] = _importance_ratio(target_logprob[r], rollout[r], cfg.is_clip)
             w = w * ratio[r]
         if cfg.mode == "full":
-            per_token[r] = _full_divergence(tiles, A, B, moments, cfg.alpha, w)
+            per_token[r] = _full_divergence(tiles, student, teacher, cfg.alpha, w)
         else:
             ids = cands.ids if cfg.mode == "topk" else target[r, None]
             per_token[r] = _support_divergence(tiles, A, B, ids, cfg.mode, cfg.alpha, cfg.add_tail, w)

@@ -107,14 +107,19 @@ GRID = [(a, t, m, tail) for a in ALPHAS for t in TAUS for m, tail in SUPPORTS] +
 ]
 
 
+# streamed: several vocabulary tiles per token chunk (recomputed each pass); one-tile: vocab_chunk >= V,
+# the tile is kept across passes; dense: the reference path
+PATHS = {"streamed": dict(chunked=True, **CHUNKS), "one-tile": dict(chunked=True, token_chunk=13, vocab_chunk=V),
+         "dense": dict(chunked=False)}
+
+
 @pytest.mark.parametrize("alpha,tau,mode,add_tail", GRID)
-@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "dense"])
-def test_linear_matches_naive_fp64(alpha, tau, mode, add_tail, chunked):
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_matches_naive_fp64(alpha, tau, mode, add_tail, path):
     x = make_inputs()
     kw = dict(alpha=alpha, tau=tau, mode=mode, k=K, add_tail=add_tail)
     want = naive_linear(x, **kw)
-    got = run_linear(x, alpha=alpha, temperature=tau, mode=mode, top_k=K, add_tail=add_tail, chunked=chunked,
-                     **CHUNKS)
+    got = run_linear(x, alpha=alpha, temperature=tau, mode=mode, top_k=K, add_tail=add_tail, **PATHS[path])
     assert got["per_token"].dtype == torch.float64
     assert_matches(got, want)
 
