@@ -172,6 +172,14 @@ class Policy(nn.Module):
         self.head = OutputHead(lm.get_output_embeddings().weight)
         deepspeed.zero.register_external_parameter(self.head, self.head.weight)
 
+    @property
+    def config(self):
+        return self.lm.config
+
+    def generate(self, *args, **kwargs):
+        """The hybrid engine swaps this for its kernel-backed generate; rollouts call it through the engine."""
+        return self.lm.generate(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, start: int, length: int, token_mask=None, head_fn=None,
                 head_kwargs=None):
         """Hidden states predicting tokens [start, start + length) — or `head_fn` applied to the masked ones."""
@@ -203,6 +211,10 @@ def build_student_engine(lm: nn.Module, hf_config: HfTrainerDeepSpeedConfig, arg
             return get_scheduler(args.lr_scheduler_type, optimizer,
                                  num_warmup_steps=args.get_warmup_steps(num_training_steps),
                                  num_training_steps=num_training_steps)
+    if hf_config.config.get("hybrid_engine", {}).get("enabled") and not torch.cuda.is_available():
+        raise ValueError("The student DeepSpeed config enables `hybrid_engine`, whose inference kernels need CUDA "
+                         "(DeepSpeed fails to build them on CPU). Use a config without it, e.g. "
+                         "ds_configs/zero3_offload.json; generation then gathers the model once per rollout.")
     if "optimizer" not in hf_config.config:
         raise ValueError("The student DeepSpeed config has no 'optimizer' section. Add one (see "
                          "ds_configs/zero3_offload.json) so DeepSpeed builds its own, e.g. DeepSpeedCPUAdam "
@@ -243,6 +255,24 @@ def numel(engine) -> tuple[int, int]:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     return local, total
+
+
+def hybrid_engine_enabled(engine) -> bool:
+    from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+
+    return isinstance(engine, DeepSpeedHybridEngine)
+
+
+def fits_gathered(engine, headroom: float = 1.5) -> bool:
+    """Whether one full copy of the model (times `headroom` for the KV cache and activations) fits in free
+    device memory — the gather-once rollout needs it on every rank at once."""
+    _, total = numel(engine)
+    element_size = next(engine.module.parameters()).element_size()
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return total * element_size * headroom < free
 
 
 # ---------------------------------------------------------------- gathers

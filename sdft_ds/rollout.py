@@ -108,12 +108,117 @@ class HFGenerateRollout(RolloutEngine):
         """Nothing to push: generation reads the training engine's own parameters."""
 
 
-def build_rollout(engine, path: str, eos_ids: list[int], pad_id: int, world_size: int) -> RolloutEngine:
-    if path in ("auto", "gather_once"):
-        rollout = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=True, world_size=world_size)
-    elif path == "per_layer":
-        rollout = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=False, world_size=world_size)
+HYBRID_ENGINE_ARCHITECTURES = ("llama", "opt", "gpt2", "gpt_neo", "gpt_neox", "gptj", "bloom")
+VALIDATION_TOKENS = 16
+
+
+def hybrid_engine_blocker(config, hybrid_engine_enabled: bool, cuda: bool) -> str | None:
+    """Why DeepSpeed's hybrid engine cannot serve this model, or None when it may (still to be validated)."""
+    if not hybrid_engine_enabled:
+        return "the student DeepSpeed config has no enabled `hybrid_engine` section"
+    if not cuda:
+        return "the hybrid engine's inference kernels need CUDA"
+    if config.model_type not in HYBRID_ENGINE_ARCHITECTURES:
+        return f"DeepSpeed has no hybrid-engine policy for {config.model_type!r}"
+    if config.model_type == "llama":
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            return "its Llama policy has no scaled RoPE (Llama 3.1+)"
+        if getattr(config, "num_key_value_heads", config.num_attention_heads) != config.num_attention_heads:
+            return "its Llama policy is not GQA-aware"
+    return None
+
+
+class HybridEngineGenerate(RolloutEngine):
+    """DeepSpeed's HybridEngineRollout, with what it leaves to the caller: the engine's eval/train switch
+    (which swaps the inference containers in and out) and sampling settings the model cannot override."""
+
+    name = "hybrid_engine"
+
+    def __init__(self, engine, tokenizer, eos_ids: list[int], pad_id: int):
+        from deepspeed.runtime.rollout import RolloutConfig, build_rollout as build_deepspeed_rollout
+
+        self.engine, self.eos_ids, self.pad_id = engine, eos_ids, pad_id
+        self.rollout = build_deepspeed_rollout(RolloutConfig(engine="hybrid_engine"), student_engine=engine,
+                                               tokenizer=tokenizer)
+
+    def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:
+        lm = engines.language_model(self.engine)
+        saved_config = lm.generation_config
+        lm.generation_config = generation_config(sampling, self.eos_ids, self.pad_id, greedy)
+        if greedy:
+            sampling = SamplingConfig(**{**sampling.__dict__, "temperature": 0.0})
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return self.rollout.generate(request, sampling)
+        finally:
+            self.engine.train()
+            lm.generation_config = saved_config
+
+    def sync_weights(self, step: int) -> None:
+        """The hybrid engine reads the training parameters directly."""
+
+
+class ValidatedRollout(RolloutEngine):
+    """Trusts a fast path only after its greedy tokens equal the reference path's on the first real prompts;
+    otherwise warns and uses the reference for the rest of the run. All ranks decide together."""
+
+    def __init__(self, fast: RolloutEngine, reference: RolloutEngine):
+        self.fast, self.reference, self.checked = fast, reference, False
+        self.name = fast.name
+
+    def _agrees(self, request: RolloutRequest, sampling: SamplingConfig) -> bool:
+        probe = SamplingConfig(max_new_tokens=min(VALIDATION_TOKENS, sampling.max_new_tokens))
+        expected = self.reference.generate(request, probe, greedy=True)
+        try:
+            produced = self.fast.generate(request, probe, greedy=True)
+            width = min(produced.input_ids.shape[1], expected.input_ids.shape[1])
+            agree = torch.equal(produced.input_ids[:, :width], expected.input_ids[:, :width])
+        except Exception as error:  # a broken kernel path must cost speed, never the run
+            logger.warning("%s generation failed during validation: %r", self.fast.name, error)
+            agree = False
+        disagreements = engines.all_reduce_sum(torch.tensor([0.0 if agree else 1.0], device=engines.device()))
+        return float(disagreements) == 0.0
+
+    def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:
+        if not self.checked:
+            self.checked = True
+            if self._agrees(request, sampling):
+                logger.info("%s generation validated against %s (greedy tokens match).", self.fast.name,
+                            self.reference.name)
+            else:
+                logger.warning("%s generation disagrees with %s on the same prompts and weights; falling back to "
+                               "%s for this run.", self.fast.name, self.reference.name, self.reference.name)
+                self.fast, self.name = self.reference, self.reference.name
+        return self.fast.generate(request, sampling, greedy=greedy)
+
+    def sync_weights(self, step: int) -> None:
+        self.fast.sync_weights(step)
+
+
+def build_rollout(engine, path: str, tokenizer, eos_ids: list[int], pad_id: int, world_size: int,
+                  hybrid_engine_enabled: bool) -> RolloutEngine:
+    """The generation path for `engine`: `path` from SDFTConfig.rollout_path, `auto` deciding by model,
+    device and memory. Logged once."""
+    gather_once = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=True, world_size=world_size)
+    per_layer = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=False, world_size=world_size)
+    config = engines.language_model(engine).config
+    blocker = hybrid_engine_blocker(config, hybrid_engine_enabled, torch.cuda.is_available())
+    if path == "hybrid_engine" and blocker:
+        raise ValueError(f"rollout_path='hybrid_engine' is not possible: {blocker}. Use rollout_path='auto'.")
+    fits = engines.fits_gathered(engine)
+    if path == "auto":
+        path = "hybrid_engine" if blocker is None else "gather_once" if fits else "per_layer"
+        reason = blocker if blocker else "validated against gather_once"
+        if not fits:
+            reason = "the gathered model would not fit in free device memory"
     else:
-        raise ValueError(f"rollout_path={path!r} is not available in this build.")
-    logger.info("Generation path: %s", rollout.name)
+        reason = "set by rollout_path"
+    if path == "hybrid_engine":
+        rollout = ValidatedRollout(HybridEngineGenerate(engine, tokenizer, eos_ids, pad_id),
+                                   gather_once if fits else per_layer)
+    else:
+        rollout = gather_once if path == "gather_once" else per_layer
+    logger.info("Generation path: %s (%s)", rollout.name, reason)
     return rollout
