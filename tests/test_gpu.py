@@ -1,0 +1,35 @@
+"""CUDA paths: skipped on CPU machines (CI); run on a GPU host with `bash tests/run.sh -m gpu`."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_python
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def check(tmp_path, name, arch="llama"):
+    run_python(["tests/distributed/gpu_checks.py", "--out", str(tmp_path), "--check", name, "--arch", arch])
+    return json.loads((tmp_path / f"{name}-{arch}.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_zero3_cpu_adam_offload_sdft_run_on_cuda(tmp_path, arch):
+    report = check(tmp_path, "train", arch)
+    assert report["finite"] and report["student_moved"] > 0
+    assert report["optimizer"] == "DeepSpeedCPUAdam"
+
+
+def test_hybrid_engine_greedy_tokens_equal_gather_once(tmp_path):
+    report = check(tmp_path, "hybrid_engine")
+    assert report["agree"], report
+    assert report["chosen_path"] == "hybrid_engine" and report["trains"]
+
+
+def test_flash_attention_and_sdpa_losses_agree(tmp_path):
+    pytest.importorskip("flash_attn")
+    report = check(tmp_path, "flash_attention")
+    assert report["flash_attention_2"] == pytest.approx(report["sdpa"], rel=2e-2)
