@@ -16,7 +16,8 @@ from sdft_ds.divergence import linear_divergence
 
 WORLD = 2
 N, H_S, H_T = 47, 16, 24
-CHUNKS = dict(token_chunk=13, vocab_chunk=5)
+# several vocabulary tiles per rank, or one tile per rank kept across the passes (the default layout)
+LAYOUTS = {"streamed": dict(token_chunk=13, vocab_chunk=5), "one-tile": dict(token_chunk=13, vocab_chunk=1000)}
 # vocabulary sizes and each rank's slice; in the first, top_k = 8 exceeds rank 1's 6 rows
 SPLITS = {13: [7, 6], 123: [70, 53]}
 CASES = {
@@ -24,7 +25,7 @@ CASES = {
     "full-jsd": dict(alpha=0.5, temperature=0.7),
     "full-rkl-is": dict(alpha=1.0, rollout=True, is_clip=1.5),
     "topk": dict(alpha=0.3, mode="topk", top_k=8),
-    "topk-tail": dict(alpha=0.0, mode="topk", top_k=8, add_tail=True, temperature=0.7),
+    "topk-tail": dict(alpha=0.0, mode="topk", top_k=8, add_tail=True),
     "sampled_token": dict(alpha=1.0, mode="sampled_token"),
 }
 
@@ -41,13 +42,13 @@ def make_inputs(v):
     return x
 
 
-def run(v, case, rows=slice(None), group=None):
+def run(v, case, layout, rows=slice(None), group=None):
     x = make_inputs(v)
     kw = dict(CASES[case])
     rollout = x["rollout"] if kw.pop("rollout", False) else None
     h_s, w_s = x["h_s"].requires_grad_(), x["w_s"][rows].clone().requires_grad_()
     out = linear_divergence(h_s, w_s, x["h_t"], x["w_t"][rows], x["weights"], target_ids=x["y"],
-                            rollout_logprobs=rollout, process_group=group, **kw, **CHUNKS)
+                            rollout_logprobs=rollout, process_group=group, **kw, **LAYOUTS[layout])
     out.loss.backward()
     return dict(out._asdict(), grad_h=h_s.grad, grad_w=w_s.grad)
 
@@ -59,7 +60,8 @@ def _rank(rank, port, out_dir):
     for v, sizes in SPLITS.items():
         lo = sum(sizes[:rank])
         for case in CASES:
-            results[v, case] = run(v, case, slice(lo, lo + sizes[rank]), dist.group.WORLD)
+            for layout in LAYOUTS:
+                results[v, case, layout] = run(v, case, layout, slice(lo, lo + sizes[rank]), dist.group.WORLD)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -74,18 +76,19 @@ def ranks(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("v", SPLITS)
-def test_vocab_parallel_matches_single_process(ranks, v, case):
+def test_vocab_parallel_matches_single_process(ranks, v, case, layout):
     torch.set_num_threads(1)
-    want = run(v, case)
-    for got in (r[v, case] for r in ranks):
+    want = run(v, case, layout)
+    key = v, case, layout
+    for got in (r[key] for r in ranks):
         for name in ["loss", "per_token", "entropy", "target_logprob", "ratio", "grad_h"]:
             if want[name] is None:
                 assert got[name] is None, name
             else:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(torch.cat([r[v, case]["grad_w"] for r in ranks]), want["grad_w"], rtol=1e-10,
-                               atol=1e-10)
+    torch.testing.assert_close(torch.cat([r[key]["grad_w"] for r in ranks]), want["grad_w"], rtol=1e-10, atol=1e-10)
     for name in ["loss", "per_token"]:  # the same bits on every rank
-        assert torch.equal(ranks[0][v, case][name], ranks[1][v, case][name]), name
+        assert torch.equal(ranks[0][key][name], ranks[1][key][name]), name
