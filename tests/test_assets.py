@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdft_ds.assets import (
     DEMO_HELDOUT,
+    DEMO_HELDOUT_CHAT,
     DEMO_TRAIN,
     DEMO_TRAIN_CHAT,
     MODEL_NAMES,
@@ -98,6 +99,8 @@ def test_dataset_shapes_and_splits():
         }
     assert len({r["prompt"] for r in train}) == 320
     assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    heldout_chat = read_jsonl(DEMO_HELDOUT_CHAT)
+    assert [r["prompt"][-1]["content"] for r in heldout_chat] == [r["prompt"] for r in heldout]
 
 
 def answer_loss(model, tok, prompt: str, answer: str) -> float:

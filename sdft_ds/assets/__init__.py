@@ -13,6 +13,7 @@ DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_TRAIN = DEMO_DIR / "train.jsonl"
 DEMO_TRAIN_CHAT = DEMO_DIR / "train_chat.jsonl"
 DEMO_HELDOUT = DEMO_DIR / "heldout.jsonl"
+DEMO_HELDOUT_CHAT = DEMO_DIR / "heldout_chat.jsonl"
 MODELS_DIR = ASSETS_DIR / "models"
 MODEL_NAMES = ("tiny-qwen2-student", "tiny-qwen2-teacher", "tiny-llama")
 

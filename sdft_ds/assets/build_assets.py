@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from sdft_ds.assets import (
     DEMO_DIR,
     DEMO_HELDOUT,
+    DEMO_HELDOUT_CHAT,
     DEMO_TRAIN,
     DEMO_TRAIN_CHAT,
     MODELS_DIR,
@@ -308,6 +309,7 @@ def main() -> None:
     write_jsonl(DEMO_TRAIN, train)
     write_jsonl(DEMO_TRAIN_CHAT, [to_chat(r) for r in train])
     write_jsonl(DEMO_HELDOUT, heldout)
+    write_jsonl(DEMO_HELDOUT_CHAT, [to_chat(r) for r in heldout])
 
     tok = build_tokenizer(rows)
     shutil.rmtree(TOKENIZER_DIR, ignore_errors=True)

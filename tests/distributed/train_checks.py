@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sdft_ds import SDFTConfig, SDFTTrainer, engines
-from sdft_ds.assets import DEMO_HELDOUT, DEMO_TRAIN, TOKENIZER_DIR, model_dir
+from sdft_ds.assets import DEMO_HELDOUT_CHAT, DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -31,7 +31,7 @@ settings = dict(output_dir=str(out / "model"), per_device_train_batch_size=4, gr
 settings.update(json.loads(cli.overrides))
 ref_model = settings.pop("ref_model", str(model_dir("tiny-qwen2-teacher")))
 trainer = SDFTTrainer(model=str(model_dir(settings.pop("model", "tiny-qwen2-student"))), ref_model=ref_model,
-                      args=SDFTConfig(**settings), processing_class=tokenizer, train_dataset=str(DEMO_TRAIN))
+                      args=SDFTConfig(**settings), processing_class=tokenizer, train_dataset=str(DEMO_TRAIN_CHAT))
 rank = trainer.rank
 
 
@@ -42,9 +42,9 @@ def weights(engine):
 local, total = engines.numel(trainer.student)
 student_before = weights(trainer.student)
 teacher_before = weights(trainer.teacher)
-kl_before = trainer.heldout_divergence(str(DEMO_HELDOUT))
+kl_before = trainer.heldout_divergence(str(DEMO_HELDOUT_CHAT))
 metrics = trainer.train()
-kl_after = trainer.heldout_divergence(str(DEMO_HELDOUT))
+kl_after = trainer.heldout_divergence(str(DEMO_HELDOUT_CHAT))
 student_after = weights(trainer.student)
 teacher_after = weights(trainer.teacher)
 trainer.save_model()
