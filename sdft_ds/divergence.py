@@ -7,10 +7,10 @@ discontinuous at both end points; that is intended (TRL's convention), not a bug
 
 `dense_divergence` works on materialised logits with plain autograd: the oracle for tests.
 `linear_divergence` starts from hidden states and output weights. Chunked, it never holds more than
-one [token_chunk × vocab_chunk] tile of logits: value and gradients are computed in the forward with
-streaming log-sum-exps (DIVERGENCE_MATH.md) and autograd only scales the stored gradients. The
-vocabulary may also be split over the ranks of a process group; chunks and ranks are merged by the
-same associative statistics.
+one [token_chunk × vocab_chunk] tile of logits per side: value and gradients are computed in the
+forward with streaming log-sum-exps (DIVERGENCE_MATH.md) and autograd only scales the stored
+gradients. The vocabulary may also be split over the ranks of a process group; chunks and ranks
+are merged by the same associative statistics.
 """
 
 from __future__ import annotations
