@@ -3,7 +3,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-source launch/setup_env.sh
+source launch/setup_env.sh ""  # no extras; the demo arguments are for train.py
 port="${MASTER_PORT:-29561}"
 cleanup() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true; }
 trap cleanup EXIT

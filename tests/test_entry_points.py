@@ -3,6 +3,7 @@ README's demo command, and launch/train.py with a recipe."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import REPO, free_port
 
 def test_quickstart_runs_as_a_plain_single_process_script(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    done = subprocess.run(["python", str(REPO / "launch" / "quickstart.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "quickstart.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
     assert "1 optimizer steps" in done.stdout + done.stderr
