@@ -1,17 +1,23 @@
-"""Model export that never leaves a half-written checkpoint.
+"""Files that must survive interruption: the exported model, resumable training state, stop signals.
 
-Files are written into a temporary sibling folder and moved into place only when complete, so an
-interrupted save leaves the previous model (or nothing) — never a mix that `from_pretrained` would load.
+Everything is written under a temporary name and moved into place when complete, so an interrupted write
+leaves the previous file (or nothing), never a mix that a loader would accept. DeepSpeed writes its `latest`
+pointer only after a whole training checkpoint is on disk, so an interrupted save resumes from the one before.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
+
+STATE_FILE = "sdft_state-rank{rank}.pt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' pre-emption warnings; Ctrl-C still aborts
 
 
 def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_dir: str) -> None:
@@ -27,12 +33,21 @@ def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_
         if not target.exists():
             os.replace(staging, target)  # the common case: one atomic rename
             return
-        for stale in target.glob("model*.safetensors*"):  # a different shard layout must not linger
-            stale.unlink()
-        for item in staging.iterdir():
-            os.replace(item, target / item.name)
+        # The folder also holds training checkpoints, so it is updated file by file: weights first (each
+        # rename atomic), then a different shard layout's leftovers, then config and tokenizer.
+        new = {item.name for item in staging.iterdir()}
+        for name in sorted(new, key=lambda n: not _is_weights(n)):
+            os.replace(staging / name, target / name)
+            if _is_weights(name):
+                for stale in target.glob("model*.safetensors*"):
+                    if stale.name not in new:
+                        stale.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_weights(name: str) -> bool:
+    return name.startswith("model") and ".safetensors" in name
 
 
 def upload(folder: str, repo_id: str, private: bool) -> None:
@@ -41,3 +56,53 @@ def upload(folder: str, repo_id: str, private: bool) -> None:
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SDFT model (sdft_ds)")
+
+
+# ---------------------------------------------------------------- resumable training state
+
+def save_state(state: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resolve(spec: str, output_dir: str) -> tuple[Path, str]:
+    """(checkpoints folder, tag) named by `resume_from_checkpoint`; refuses anything that is not one."""
+    path = Path(output_dir) / "checkpoints" if spec == "latest" else Path(spec)
+    if (path / "latest").is_file():
+        folder, tag = path, (path / "latest").read_text().strip()
+    else:
+        folder, tag = path.parent, path.name
+    if not (folder / tag / STATE_FILE.format(rank=0)).is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={spec!r}: {path} is no sdft_ds checkpoint (expected a `checkpoints` folder "
+            f"with a `latest` file, or one of its step-N folders holding {STATE_FILE.format(rank=0)}). "
+            "Checkpoints are written every save_steps and when a run is stopped with SIGTERM or SIGUSR1.")
+    return folder, tag
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 only ask the loop to stop at the next optimizer step, where it saves a
+    checkpoint first (a scheduler's pre-emption, or the deepspeed launcher passing on a kill, costs no work)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def _request(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

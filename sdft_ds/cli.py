@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                           processing_class=tokenizer, train_dataset=dataset)
     before = trainer.heldout_divergence(script.eval_dataset_name) if script.eval_dataset_name else None
     trainer.train()
+    if trainer.stop_signal:  # a checkpoint was saved; the run is not finished, so nothing is exported
+        sys.exit(128 + trainer.stop_signal)
     after = trainer.heldout_divergence(script.eval_dataset_name) if script.eval_dataset_name else None
     output_dir = trainer.save_model()
     if config.push_to_hub:

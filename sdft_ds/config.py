@@ -59,6 +59,10 @@ class SDFTConfig:
     deepspeed: str | dict | None = _help("Student DeepSpeed config (path or dict); default "
                                          "ds_configs/zero3_offload.json. `auto` values are filled from this "
                                          "config.", default=None)
+    resume_from_checkpoint: str | None = _help("Continue a run from a checkpoint written every save_steps or on "
+                                               "SIGTERM/SIGUSR1: a `checkpoints` folder (its latest), one of its "
+                                               "`step-N` folders, or `latest` for <output_dir>/checkpoints. Needs "
+                                               "the same number of ranks and settings.", default=None)
     save_on_each_node: bool = _help("Write checkpoints on every node's local disk.", default=False)
     push_to_hub: bool = _help("Push the final model to the Hub at the end of train().", default=False)
     hub_model_id: str | None = _help("Hub repository for push_to_hub().", default=None)

@@ -122,24 +122,24 @@ def encode(tokenizer, value, chat_template_kwargs: dict | None = None) -> list[i
 
 @dataclass
 class TokenizedPrompts:
-    """Token ids per row, cut from the left to their limits, with the cut rows counted."""
+    """Token ids per row, cut from the left to their limits, with the rows that were cut."""
 
     prompt_ids: list[list[int]]
     teacher_prompt_ids: list[list[int]]
-    truncated_prompts: int
-    truncated_teacher_prompts: int
+    truncated_rows: frozenset[int]
+    truncated_teacher_rows: frozenset[int]
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
 
-def _left_truncate(rows: list[list[int]], limit: int, column: str) -> tuple[list[list[int]], int]:
+def _left_truncate(rows: list[list[int]], limit: int, column: str) -> tuple[list[list[int]], frozenset[int]]:
     over = [i for i, ids in enumerate(rows) if len(ids) > limit]
     if over:
         named = ", ".join(map(str, over[:MAX_ROWS_NAMED])) + (" ..." if len(over) > MAX_ROWS_NAMED else "")
         logger.warning("%d %s(s) exceed %d tokens and are cut from the left (rows %s). Raise the limit if the "
                        "start of the prompt matters.", len(over), column, limit, named)
-    return [ids[-limit:] for ids in rows], len(over)
+    return [ids[-limit:] for ids in rows], frozenset(over)
 
 
 def tokenize_prompts(dataset: Dataset, tokenizer, max_prompt_length: int, max_teacher_prompt_length: int,

@@ -19,6 +19,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
@@ -67,10 +68,9 @@ def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast_object(obj):
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+def max_over_ranks(value: float) -> float:
+    """One small all-reduce, so that every rank takes the same branch."""
+    return -float(all_reduce_min(torch.tensor([-float(value)], device=device())))
 
 
 # ---------------------------------------------------------------- configs
@@ -289,13 +289,83 @@ def gathered_model(engine):
     return gathered(list(engine.module.parameters()))
 
 
-def ema_update(teacher_engine, student_engine, rate: float) -> None:
-    """θ_T ← (1 − r)·θ_T + r·θ_S, one parameter pair gathered at a time, never the whole model."""
-    pairs = zip(language_model(teacher_engine).parameters(), language_model(student_engine).parameters())
-    with torch.no_grad():
-        for teacher_param, student_param in pairs:
-            with gathered([student_param]), gathered([teacher_param], modifier_rank=0):
-                teacher_param.lerp_(student_param.to(teacher_param.dtype), rate)
+def _piece(param) -> tuple[torch.Tensor, int]:
+    """The writable piece of a parameter this rank holds, flattened, and its offset in the flattened full
+    tensor: the ZeRO-3 partition (padding cut off), or all of a parameter that is not partitioned."""
+    if not hasattr(param, "ds_tensor"):
+        return param.data.view(-1), 0
+    size = param.ds_tensor.numel()
+    offset = dist.get_rank(group=param.ds_process_group) * size
+    return param.ds_tensor.data.view(-1)[:max(0, min(size, param.ds_numel - offset))], offset
+
+
+def _refresh_full(param) -> None:
+    """A ZeRO-3 parameter held whole (persistent) after its partition was written: rebuild it from the
+    partitions. The same parameters are whole on every rank, so every rank makes the same calls."""
+    if not hasattr(param, "ds_tensor") or param.ds_status != ZeroParamStatus.AVAILABLE:
+        return
+    part = param.ds_tensor.data.view(-1).to(device())
+    whole = part.new_empty(part.numel() * dist.get_world_size(group=param.ds_process_group))
+    dist.all_gather_into_tensor(whole, part, group=param.ds_process_group)
+    param.data.view(-1).copy_(whole[:param.ds_numel])
+
+
+class TeacherEMA:
+    """θ_T ← (1 − r)·θ_T + r·θ_S, each rank on the ZeRO-3 partition of θ_T it holds.
+
+    Teacher and student of one architecture are partitioned alike, so each rank's teacher partition meets the
+    student partition of the same elements: nothing is gathered (a student laid out otherwise, e.g. under ZeRO-2,
+    is read whole or gathered one parameter at a time). With a 16-bit teacher the average is kept in an fp32 copy
+    of those partitions: r·(θ_S − θ_T) at r = 0.01 is far below bf16's resolution (2^-8 relative), so averaging
+    in bf16 would leave the teacher frozen."""
+
+    def __init__(self, teacher_engine, student_engine, fp32_shadow: bool = True):
+        self.pairs = list(zip(language_model(teacher_engine).parameters(),
+                              language_model(student_engine).parameters()))
+        self.shadows = [_piece(t)[0].float() if fp32_shadow and t.dtype != torch.float32 else None
+                        for t, _ in self.pairs]
+
+    @staticmethod
+    def _student_values(student_param, teacher_param) -> torch.Tensor:
+        """The student's values at the elements of the teacher's piece; decided by layout alone, so every rank
+        gathers the same parameters or none."""
+        piece, offset = _piece(teacher_param)
+        if not hasattr(student_param, "ds_tensor"):  # whole on every rank
+            return student_param.data.view(-1)[offset:offset + piece.numel()]
+        if hasattr(teacher_param, "ds_tensor") and student_param.ds_tensor.numel() == teacher_param.ds_tensor.numel():
+            return _piece(student_param)[0]  # ZeRO-3 partitions both alike: the same elements
+        with gathered([student_param]):
+            return student_param.data.view(-1)[offset:offset + piece.numel()].clone()
+
+    @torch.no_grad()
+    def update(self, rate: float) -> None:
+        for (teacher_param, student_param), shadow in zip(self.pairs, self.shadows):
+            piece = _piece(teacher_param)[0]
+            target = piece if shadow is None else shadow
+            source = self._student_values(student_param, teacher_param)
+            target.lerp_(source.to(target.device, target.dtype), rate)
+            if shadow is not None:
+                piece.copy_(shadow)
+            _refresh_full(teacher_param)
+
+    def state_dict(self) -> dict:
+        """This rank's teacher partitions and fp32 copies: what a resumed run needs to continue the average."""
+        return {"pieces": [_piece(t)[0].cpu().clone() for t, _ in self.pairs],
+                "shadows": [None if s is None else s.cpu().clone() for s in self.shadows]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for (teacher_param, _), shadow, piece, saved_shadow in zip(self.pairs, self.shadows, state["pieces"],
+                                                                   state["shadows"]):
+            _piece(teacher_param)[0].copy_(piece)
+            _refresh_full(teacher_param)
+            if shadow is not None:
+                shadow.copy_(saved_shadow)
+
+
+def copy_weights(teacher_engine, student_engine) -> None:
+    """The teacher becomes a copy of the student (a teacher made from the student's checkpoint)."""
+    TeacherEMA(teacher_engine, student_engine, fp32_shadow=False).update(1.0)
 
 
 # ---------------------------------------------------------------- checkpoints and export
@@ -309,21 +379,15 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k.removeprefix("lm."): v for k, v in (state or {}).items() if k.startswith("lm.")}
 
 
-def save_checkpoint(engine, directory: str, tag: str, client_state: dict) -> None:
-    engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+def save_checkpoint(engine, directory: str, tag: str) -> None:
+    engine.save_checkpoint(directory, tag=tag)
 
 
-def load_checkpoint(engine, directory: str, tag: str | None = None, with_optimizer: bool = True) -> dict:
-    _, client_state = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=with_optimizer,
-                                             load_lr_scheduler_states=with_optimizer,
-                                             load_module_only=not with_optimizer)
-    if client_state is None:
+def load_checkpoint(engine, directory: str, tag: str) -> None:
+    """Weights, optimizer and scheduler state of a training engine."""
+    path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
         raise FileNotFoundError(f"No DeepSpeed checkpoint found in {directory!r} (tag {tag!r}).")
-    return client_state
-
-
-def global_step(engine) -> int:
-    return engine.global_steps
 
 
 def learning_rate(engine) -> float:

@@ -95,7 +95,11 @@ class SDFTTrainer:
         teacher_config = self._model_config(ref_model) if ref_model is not None else student_config
         self._check_pair(student_config, teacher_config, ref_model)
 
+        self.resume_from = self._checkpoint_to_resume(args.resume_from_checkpoint)
+
         self.rank, self.world_size = engines.init_distributed()
+        if self.resume_from is not None:
+            self._check_resume_world_size(*self.resume_from)
         torch.manual_seed(args.seed)
         self.sampler = PromptSampler(len(self.prompts), args.prompts_per_generation, self.rank, self.world_size,
                                      args.seed)
@@ -110,6 +114,7 @@ class SDFTTrainer:
         if args.disable_dropout:
             engines.disable_dropout(student_lm)
         self.student = engines.build_student_engine(student_lm, student_ds, args, self.total_steps)
+        self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, model, teacher_config)
         set_hf_deepspeed_config(student_ds)  # generate() reads the registered config (synced_gpus under ZeRO-3)
         self._ds_configs = (student_ds,)
@@ -126,6 +131,8 @@ class SDFTTrainer:
         self.teacher_syncs = 0
         self.queue: list[MicroBatch] = []
         self.prompts_truncated = 0
+        self.teacher_prompts_truncated = 0
+        self.stop_signal = 0  # the signal that stopped train() early, after saving a checkpoint
 
     # ------------------------------------------------------------ construction helpers
 
@@ -184,20 +191,36 @@ class SDFTTrainer:
             engines.disable_dropout(lm)
         teacher = engines.build_teacher_engine(lm, teacher_ds)
         if ref_model is None:
-            engines.ema_update(teacher, self.student, rate=1.0)
-        if args.teacher_mode == "ema" and engines.architecture(teacher) != engines.architecture(self.student):
-            raise ValueError("teacher_mode='ema' needs the teacher's parameters to match the student's one to one.")
+            engines.copy_weights(teacher, self.student)
+        if args.teacher_mode == "ema":
+            if engines.architecture(teacher) != engines.architecture(self.student):
+                raise ValueError("teacher_mode='ema' needs the teacher's parameters to match the student's one to one.")
+            self.ema = engines.TeacherEMA(teacher, self.student)
         self._teacher_ds = teacher_ds
         return teacher
 
     # ------------------------------------------------------------ the loop
 
-    def train(self) -> dict[str, float]:
+    def train(self, resume_from_checkpoint: str | None = None) -> dict[str, float]:
+        """Run to `total_steps`, or until SIGTERM/SIGUSR1: then save a checkpoint, set `stop_signal` and return."""
         args = self.args
+        if resume_from_checkpoint is not None:
+            self.resume_from = self._checkpoint_to_resume(resume_from_checkpoint)
+            self._check_resume_world_size(*self.resume_from)
+        if self.resume_from is not None:
+            self._resume(*self.resume_from)
+            self.resume_from = None
         tracker = make_tracker(args, self.rank, self.total_steps, asdict(args))
         local, total = engines.numel(self.student)
         tracker.info(f"student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
-                     f"generation: {self.rollout.name}; {self.total_steps} optimizer steps")
+                     f"generation: {self.rollout.name}; optimizer steps {self.step} -> {self.total_steps}")
+        with checkpoint.StopSignals() as stop:
+            metrics = self._loop(tracker, stop)
+        tracker.close()
+        return metrics
+
+    def _loop(self, tracker, stop: checkpoint.StopSignals) -> dict[str, float]:
+        args = self.args
         metrics: dict[str, float] = {}
         stats = StepStats()
         while self.step < self.total_steps:
@@ -218,12 +241,18 @@ class SDFTTrainer:
             if self.step % args.logging_steps == 0 or self.step == self.total_steps:
                 metrics = stats.reduce(self.world_size)
                 metrics.update(learning_rate=learning_rate, teacher_syncs=self.teacher_syncs,
-                               prompts_truncated=self.prompts_truncated)
+                               prompts_truncated=self.prompts_truncated,
+                               teacher_prompts_truncated=self.teacher_prompts_truncated)
                 tracker.log(metrics, self.step)
                 stats = StepStats()
-            if args.save_steps and self.step % args.save_steps == 0:
-                self.save_checkpoint()
-        tracker.close()
+            self.stop_signal = int(engines.max_over_ranks(stop.signum))  # every rank stops at the same step
+            if self.stop_signal or (args.save_steps and self.step % args.save_steps == 0):
+                path = self.save_checkpoint()
+                tracker.info(f"checkpoint saved to {path}")
+            if self.stop_signal:
+                tracker.info(f"stopped by signal {self.stop_signal} after optimizer step {self.step}; continue with "
+                             f"--resume_from_checkpoint {Path(path).parent}")
+                break
         return metrics
 
     def _generate_round(self) -> list[MicroBatch]:
@@ -232,7 +261,8 @@ class SDFTTrainer:
         rows = self.sampler.next_round()
         prompts = [self.prompts.prompt_ids[i] for i in rows]
         teacher_prompts = [self.prompts.teacher_prompt_ids[i] for i in rows]
-        self.prompts_truncated += sum(len(self.prompts.prompt_ids[i]) == args.max_prompt_length for i in rows)
+        self.prompts_truncated += len(self.prompts.truncated_rows.intersection(rows))
+        self.teacher_prompts_truncated += len(self.prompts.truncated_teacher_rows.intersection(rows))
         conditioning = teacher_prompts if args.generate_from_teacher else prompts
         ids, mask = left_pad(conditioning, self.tokenizer.pad_token_id)
         device = engines.device()
@@ -336,8 +366,8 @@ class SDFTTrainer:
         return full
 
     def _sync_teacher(self) -> None:
-        if self.args.teacher_mode == "ema" and self.step % self.args.teacher_sync_steps == 0:
-            engines.ema_update(self.teacher, self.student, self.args.teacher_update_rate)
+        if self.ema is not None and self.step % self.args.teacher_sync_steps == 0:
+            self.ema.update(self.args.teacher_update_rate)
             self.teacher_syncs += 1
 
     # ------------------------------------------------------------ evaluation
@@ -380,13 +410,41 @@ class SDFTTrainer:
         return output_dir
 
     def save_checkpoint(self) -> str:
-        """A resumable DeepSpeed checkpoint: student engine, teacher weights (EMA), sampler, RNG, step."""
-        directory = f"{self.args.output_dir}/checkpoints"
+        """A resumable checkpoint; all ranks must call it. DeepSpeed saves the student engine (weights, optimizer,
+        scheduler); each rank saves what DeepSpeed does not know: step, prompt position, rollouts not yet trained
+        on, RNG states and the EMA teacher's partitions. DeepSpeed writes `latest` last."""
+        directory = Path(self.args.output_dir) / "checkpoints"
         tag = f"step-{self.step}"
-        client_state = {"step": self.step, "teacher_syncs": self.teacher_syncs, "sampler": self.sampler.state_dict(),
-                        "queue_len": len(self.queue), "rng": _rng_state()}
-        engines.save_checkpoint(self.student, directory, tag, client_state)
-        return f"{directory}/{tag}"
+        state = {"step": self.step, "teacher_syncs": self.teacher_syncs, "sampler": self.sampler.state_dict(),
+                 "prompts_truncated": (self.prompts_truncated, self.teacher_prompts_truncated),
+                 "queue": [_to_cpu(asdict(batch)) for batch in self.queue], "rng": _rng_state(),
+                 "ema": None if self.ema is None else self.ema.state_dict()}
+        checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
+        engines.save_checkpoint(self.student, str(directory), tag)
+        return str(directory / tag)
+
+    def _checkpoint_to_resume(self, spec: str | None) -> tuple[Path, str] | None:
+        return None if spec is None else checkpoint.resolve(spec, self.args.output_dir)
+
+    def _check_resume_world_size(self, directory: Path, tag: str) -> None:
+        saved = len(list((directory / tag).glob(checkpoint.STATE_FILE.format(rank="*"))))
+        if saved != self.world_size:
+            raise ValueError(f"{directory / tag} was saved by {saved} rank(s) and this run has {self.world_size}: "
+                             "its rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume with "
+                             f"{saved} rank(s).")
+
+    def _resume(self, directory: Path, tag: str) -> None:
+        engines.load_checkpoint(self.student, str(directory), tag)
+        state = checkpoint.load_state(directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
+        self.step, self.teacher_syncs = state["step"], state["teacher_syncs"]
+        self.prompts_truncated, self.teacher_prompts_truncated = state["prompts_truncated"]
+        self.sampler.load_state_dict(state["sampler"])
+        device = engines.device()
+        self.queue = [MicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+                      for b in state["queue"]]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
 
     def push_to_hub(self, repo_id: str | None = None) -> str:
         """Save the model, then upload it from rank 0."""
@@ -405,6 +463,18 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_cpu(fields: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
 
 
 class StepStats:

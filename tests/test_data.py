@@ -82,9 +82,9 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tokenizer, caplog):
     long = " ".join(["word"] * 50)
     data = Dataset.from_dict({"prompt": [long, "short"], "teacher_prompt": [long + " demo", "short"]})
     out = tokenize_prompts(data, tokenizer, max_prompt_length=10, max_teacher_prompt_length=1000)
-    assert len(out.prompt_ids[0]) == 10 and out.truncated_prompts == 1
+    assert len(out.prompt_ids[0]) == 10 and out.truncated_rows == {0}
     assert out.prompt_ids[0] == tokenizer(long)["input_ids"][-10:]  # the end of the prompt survives
-    assert out.truncated_teacher_prompts == 0  # the teacher prompt has its own, larger limit
+    assert not out.truncated_teacher_rows  # the teacher prompt has its own, larger limit
     assert "rows 0" in caplog.text
 
 

@@ -16,7 +16,7 @@ def test_quickstart_runs_as_a_plain_single_process_script(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "launch" / "quickstart.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
-    assert "1 optimizer steps" in done.stdout + done.stderr
+    assert "optimizer steps 0 -> 1" in done.stdout + done.stderr
 
 
 @pytest.mark.multirank

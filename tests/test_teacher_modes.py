@@ -22,6 +22,13 @@ def test_ema_teacher_is_the_weighted_average_after_a_step(reports, rate):
     assert all(r[f"ema_{rate}_syncs"] == 1 for r in reports)
 
 
+def test_ema_of_a_bf16_teacher_keeps_its_average_in_fp32(reports):
+    rank0 = reports[0]
+    assert rank0["ema_bf16_dtype"] == "torch.bfloat16"
+    assert rank0["ema_bf16_mismatches"] == 0
+    assert rank0["ema_bf16_naive_differs"] > 0  # the check can tell the two apart
+
+
 def test_live_teacher_tracks_the_student(reports):
     rank0 = reports[0]
     assert rank0["live_teacher_is_student"] and rank0["live_student_moved"] > 1e-3

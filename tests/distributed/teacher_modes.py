@@ -63,6 +63,26 @@ for rate in (0.01, 1.0):
                                                   for k in teacher_before)
     report[f"ema_{rate}_syncs"] = metrics["teacher_syncs"]
 
+# EMA of a bf16 teacher runs in fp32 copies of its partitions: after two steps the teacher is the bf16 rounding of
+# the fp32 average, which an average kept in bf16 (r·(θ_S − θ_T) mostly below its resolution) misses.
+rate = 0.01
+bf16 = trainer(teacher_mode="ema", teacher_update_rate=rate, bf16=True, max_steps=2, learning_rate=1e-3)
+teacher_0 = weights(bf16.teacher)
+student_after = []
+for step in (1, 2):
+    bf16.total_steps = step
+    bf16.train()
+    student_after.append({k: v.float() for k, v in engines.consolidated_state_dict(bf16.student).items()})
+teacher_2 = {k: v for k, v in engines.consolidated_state_dict(bf16.teacher).items()}
+if rank == 0:
+    fp32_average = {k: v.float().lerp(student_after[0][k], rate).lerp(student_after[1][k], rate)
+                    for k, v in teacher_0.items()}
+    bf16_average = {k: v.bfloat16().lerp(student_after[0][k].bfloat16(), rate).lerp(student_after[1][k].bfloat16(),
+                                                                                    rate) for k, v in teacher_0.items()}
+    report["ema_bf16_dtype"] = str(teacher_2["model.norm.weight"].dtype)
+    report["ema_bf16_mismatches"] = sum(int((teacher_2[k] != v.bfloat16()).sum()) for k, v in fp32_average.items())
+    report["ema_bf16_naive_differs"] = sum(int((teacher_2[k] != v).sum()) for k, v in bf16_average.items())
+
 # Live: the teacher is the current student. After training on demonstrations the student has changed, yet
 # where teacher_prompt == prompt the divergence is exactly 0 (a copy taken at the start would differ).
 same = Dataset.from_dict({"prompt": ["Reverse the word 'cherry'."] * 4,

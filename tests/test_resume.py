@@ -1,0 +1,82 @@
+"""Interruption costs no work: a resumed run continues exactly where the checkpoint left it, and SIGTERM to the
+processes of a job (what schedulers send before a kill) saves a checkpoint that the command line resumes from."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, launch, read_reports
+
+pytestmark = pytest.mark.multirank
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    launch(["tests/distributed/resume.py", "--out", str(tmp_path)])
+    rank0, rank1 = read_reports(tmp_path)
+    for report in (rank0, rank1):
+        assert report["steps"] == 4 and report["latest"] == "step-4"
+        assert report["saved_rollouts_left"] == 1 and report["saved_rollout_step"] == 0  # a stale rollout was saved
+    assert rank0["student_moved"] > 1e-3 and rank0["teacher_moved"] > 1e-4
+    # Not bitwise: DeepSpeedCPUAdam computes a fresh optimizer's bias correction β^t with pow() where a running
+    # one multiplies by β each step, a last-ulp difference.
+    assert rank0["student_difference"] < 1e-5 and rank0["teacher_difference"] < 1e-5, rank0
+
+
+def _train_command(port: int, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+            "launch/train.py", "--config", "launch/recipes/demo.yaml", "--output_dir", str(out), "--max_steps", "12",
+            "--logging_steps", "1", *extra]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
+    out, port = tmp_path / "run", free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(_train_command(port, out), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "step 2:" in line:
+                os.killpg(process.pid, signal.SIGTERM)  # as SLURM and `kill -- -PGID` do: every process of the job
+                break
+        lines.extend(process.stdout)
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+    log = "".join(lines)
+    assert process.returncode != 0, log[-4000:]
+    assert "stopped by signal 15" in log, log[-4000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.removeprefix("step-"))
+    assert 2 <= stopped_at < 12
+    assert not (out / "model.safetensors").exists()  # an unfinished run exports nothing
+
+    port = free_port()
+    try:
+        done = subprocess.run(_train_command(port, out, "--resume_from_checkpoint", "latest"), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert f"optimizer steps {stopped_at} -> 12" in done.stdout + done.stderr
+    assert "step 12:" in done.stdout and f"step {stopped_at}:" not in done.stdout
+    assert (out / "model.safetensors").is_file()
+
+
+def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokenizer):
+    from sdft_ds import SDFTConfig, SDFTTrainer
+    from sdft_ds.assets import DEMO_TRAIN, model_dir
+
+    args = SDFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="is no sdft_ds checkpoint"):
+        SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=args, processing_class=tokenizer,
+                    train_dataset=str(DEMO_TRAIN))
