@@ -1,5 +1,8 @@
 """End-to-end SDFT under `deepspeed --num_gpus 2` on CPU: real ZeRO-3 engines, CPU-Adam offload, a real
-teacher engine, sampling, and a checkpoint on disk."""
+teacher engine, sampling, a checkpoint on disk, and an offline Weights & Biases run."""
+
+import json
+import struct
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ pytestmark = pytest.mark.multirank
 @pytest.fixture(scope="module")
 def frozen_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("frozen")
-    launch(["tests/distributed/train_checks.py", "--out", str(out)])
+    launch(["tests/distributed/train_checks.py", "--out", str(out), "--overrides", '{"report_to": "wandb"}'],
+           env={"WANDB_MODE": "offline", "WANDB_DIR": str(out)})
     return out
 
 
@@ -54,3 +58,35 @@ def test_saved_model_loads_equal_and_generates(frozen_dir, tokenizer):
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def wandb_history(run_file) -> list[dict]:
+    """History rows of an offline W&B run file: a LevelDB-style log (32 KiB blocks, 7-byte record headers) of
+    protobuf records, read back the way `wandb sync` does."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block, pos, pending, rows = run_file.read_bytes(), 32768, 7, b"", []  # 7: the ':W&B' file header
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        pending += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_metrics_reach_weights_and_biases_from_rank_zero_only(frozen_dir, frozen_run):
+    runs = list((frozen_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # one run for the job, not one per rank
+    history = wandb_history(runs[0])
+    assert [row["_step"] for row in history] == [10, 20, 30]
+    last = frozen_run[0]["metrics"]
+    for name in ("loss", "divergence", "entropy", "completion_length", "learning_rate", "teacher_syncs"):
+        assert history[-1][f"train/{name}"] == pytest.approx(last[name], rel=1e-12), name
