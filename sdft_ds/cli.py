@@ -46,20 +46,25 @@ def _parse_bool(text: str) -> bool:
 
 
 def _converter(annotation):
-    """argparse type for a dataclass field annotation (`int | None`, `str | dict | None`, ...)."""
+    """argparse type for a dataclass field annotation (`int | None`, `str | dict | None`, ...). An optional
+    field takes `none` or `null`, so the command line can clear what a recipe set."""
     if isinstance(annotation, str):
         annotation = eval(annotation, {**vars(typing), **vars(types)})  # from __future__ annotations
-    options = set(typing.get_args(annotation)) - {type(None)} or {annotation}
+    members = set(typing.get_args(annotation))
+    options = members - {type(None)} or {annotation}
     if dict in options:
-        def parse(text: str):
+        def convert(text: str):
             return json.loads(text) if text.lstrip().startswith("{") else text
-        return parse
-    if bool in options:
-        return _parse_bool
-    for kind in (int, float):
-        if kind in options:
-            return kind
-    return str
+    elif bool in options:
+        convert = _parse_bool
+    else:
+        convert = next((kind for kind in (int, float) if kind in options), str)
+    if type(None) not in members:
+        return convert
+
+    def optional(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+    return optional
 
 
 def build_parser() -> argparse.ArgumentParser:

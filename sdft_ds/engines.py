@@ -47,7 +47,17 @@ def init_distributed() -> tuple[int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        _share_cores()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _share_cores() -> None:
+    """Each rank's OpenMP threads get its share of the node's cores, unless OMP_NUM_THREADS says otherwise.
+    By default every rank starts a thread per core, and ranks then spin against each other: measured on 2 cores
+    with 2 ranks, each small matmul took 2.8 ms instead of 23 µs and generation ran 4× slower."""
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def device() -> torch.device:

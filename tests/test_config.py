@@ -53,6 +53,15 @@ def test_recipe_then_command_line_overrides(tmp_path):
     assert config.deepspeed == {"zero_optimization": {"stage": 3}}
 
 
+def test_command_line_clears_an_optional_field_of_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: m\ndataset_name: d\nref_model_name_or_path: t\nsteps_per_generation: 2\n")
+    script, config = parse_args(["--config", str(recipe), "--ref_model_name_or_path", "none",
+                                 "--steps_per_generation", "null", "--max_steps", "3"])
+    assert script.ref_model_name_or_path is None and config.max_steps == 3
+    assert config.steps_per_generation == config.gradient_accumulation_steps  # None: the default applies
+
+
 def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset_name", "d"])
