@@ -87,6 +87,17 @@ def resolve(spec: str, output_dir: str) -> tuple[Path, str]:
     return folder, tag
 
 
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest step-N checkpoints, never the one `latest` names; returns what went."""
+    latest = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
+    steps = sorted((p for p in directory.glob("step-*") if p.name.removeprefix("step-").isdigit()),
+                   key=lambda p: int(p.name.removeprefix("step-")))
+    doomed = [p for p in steps[:-keep] if p.name != latest]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 class StopSignals:
     """While active, SIGTERM and SIGUSR1 only ask the loop to stop at the next optimizer step, where it saves a
     checkpoint first (a scheduler's pre-emption, or the deepspeed launcher passing on a kill, costs no work)."""

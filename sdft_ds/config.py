@@ -59,6 +59,8 @@ class SDFTConfig:
     deepspeed: str | dict | None = _help("Student DeepSpeed config (path or dict); default "
                                          "ds_configs/zero3_offload.json. `auto` values are filled from this "
                                          "config.", default=None)
+    save_total_limit: int | None = _help("Keep only this many newest checkpoints (older step-N folders are deleted "
+                                         "after a new one is complete); None keeps all.", default=None)
     resume_from_checkpoint: str | None = _help("Continue a run from a checkpoint written every save_steps or on "
                                                "SIGTERM/SIGUSR1: a `checkpoints` folder (its latest), one of its "
                                                "`step-N` folders, or `latest` for <output_dir>/checkpoints. Needs "
@@ -157,6 +159,8 @@ class SDFTConfig:
             raise ValueError(f"teacher_update_rate must be in [0, 1], got {self.teacher_update_rate}.")
         if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
             raise ValueError(f"distillation_is_clip must be > 0 or None, got {self.distillation_is_clip}.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be at least 1 or None, got {self.save_total_limit}.")
         if self.num_loss_tokens_to_skip < 0:
             raise ValueError(f"num_loss_tokens_to_skip must be >= 0, got {self.num_loss_tokens_to_skip}.")
         if self.num_loss_tokens_to_skip >= self.max_completion_length:

@@ -60,6 +60,10 @@ def _share_cores() -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 

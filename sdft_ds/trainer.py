@@ -421,6 +421,10 @@ class SDFTTrainer:
                  "ema": None if self.ema is None else self.ema.state_dict()}
         checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
         engines.save_checkpoint(self.student, str(directory), tag)
+        node_local = self.args.save_on_each_node and engines.local_rank() == 0  # each node prunes its own disk
+        if self.args.save_total_limit and (self.rank == 0 or node_local):
+            checkpoint.prune(directory, self.args.save_total_limit)
+        engines.barrier()
         return str(directory / tag)
 
     def _checkpoint_to_resume(self, spec: str | None) -> tuple[Path, str] | None:

@@ -35,8 +35,9 @@ def _train_command(port: int, out: Path, *extra: str) -> list[str]:
 def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     out, port = tmp_path / "run", free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(_train_command(port, out), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    command = _train_command(port, out, "--save_steps", "1", "--save_total_limit", "2")
+    process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     lines = []
     try:
         for line in process.stdout:
@@ -57,6 +58,7 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     tag = (out / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(tag.removeprefix("step-"))
     assert 2 <= stopped_at < 12
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == sorted([f"step-{stopped_at - 1}", tag])
     assert not (out / "model.safetensors").exists()  # an unfinished run exports nothing
 
     port = free_port()
@@ -80,3 +82,14 @@ def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokeni
     with pytest.raises(FileNotFoundError, match="is no sdft_ds checkpoint"):
         SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=args, processing_class=tokenizer,
                     train_dataset=str(DEMO_TRAIN))
+
+
+def test_prune_keeps_the_newest_checkpoints_and_the_latest(tmp_path):
+    from sdft_ds.checkpoint import prune
+
+    for step in (2, 4, 10, 12):
+        (tmp_path / f"step-{step}").mkdir()
+    (tmp_path / "latest").write_text("step-4")  # e.g. step-10 and 12 were saved elsewhere by hand
+    gone = prune(tmp_path, keep=2)
+    assert sorted(p.name for p in gone) == ["step-2"]  # step-10 sorts after step-4: by number, not by name
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-12", "step-4"]
