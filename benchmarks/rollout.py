@@ -1,15 +1,17 @@
-"""Generation throughput of each rollout path on the same prompts and weights, side by side in one process.
+"""Generation throughput of each rollout path on the same prompts and weights, side by side in one command.
 
-    python benchmarks/rollout.py                    # CPU: the shipped tiny Llama, gather-once vs per-layer
-    python benchmarks/rollout.py --model llama-1b   # GPU: ~1.1B Llama-style model from a config, + hybrid engine
+    deepspeed --num_gpus 2 benchmarks/rollout.py                   # CPU: the shipped tiny Llama on 2 ZeRO-3 ranks
+    deepspeed --num_gpus 1 benchmarks/rollout.py --model llama-1b  # GPU: ~1.1B Llama from a config, + hybrid engine
 
-Throughput counts completion tokens up to and including EOS (what training uses), so a path that decodes
-past EOS gets no credit for it. Ratios are against gather-once, run in the same process.
+Every path decodes exactly --new_tokens tokens per prompt (no EOS can stop it), so tokens/s is decoding speed
+at a known length; the greedy tokens of each path are compared with gather-once's. Ratios are against gather-once,
+run in the same processes. With one rank ZeRO-3 partitions nothing, so per-layer equals gather-once there.
 """
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -27,6 +29,7 @@ parser.add_argument("--model", default="tiny-llama", choices=["tiny-llama", "lla
 parser.add_argument("--prompts", type=int, default=16)
 parser.add_argument("--new_tokens", type=int, default=128)
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 cli = parser.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
@@ -49,12 +52,13 @@ ids, mask = left_pad(rows, pad)
 device = torch.device("cuda") if cuda else torch.device("cpu")
 request = RolloutRequest(ids.to(device), mask.to(device))
 sampling = SamplingConfig(max_new_tokens=cli.new_tokens)
+never = [model.config.vocab_size]  # an end-of-sequence id no model can emit: every path decodes new_tokens
 
-paths = {"gather_once": HFGenerateRollout(engine, trainer.eos_ids, pad, True, 1),
-         "per_layer": HFGenerateRollout(engine, trainer.eos_ids, pad, False, 1)}
+paths = {"gather_once": HFGenerateRollout(engine, never, pad, True, trainer.world_size),
+         "per_layer": HFGenerateRollout(engine, never, pad, False, trainer.world_size)}
 blocker = hybrid_engine_blocker(model.config, cuda, cuda)
 if blocker is None:
-    paths["hybrid_engine"] = HybridEngineGenerate(engine, tokenizer, trainer.eos_ids, pad)
+    paths["hybrid_engine"] = HybridEngineGenerate(engine, tokenizer, never, pad)
 
 
 def sync():
@@ -72,18 +76,20 @@ for name, rollout in paths.items():
         batch = rollout.generate(request, sampling, greedy=True)
         sync()
         times.append(time.perf_counter() - start)
-    completions = split_completions(batch, trainer.eos_ids, pad)
+    completions = split_completions(batch, never, pad)
     tokens[name] = completions.ids
     results[name] = {"seconds": min(times), "tokens": int(completions.lengths.sum()),
                      "tokens_per_second": int(completions.lengths.sum()) / min(times)}
 
 base = results["gather_once"]["tokens_per_second"]
+if trainer.rank != 0:
+    sys.exit(0)
 device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-print(f"# rollout throughput: {cli.model}, {cli.prompts} prompts x {cli.new_tokens} new tokens, greedy, "
-      f"ZeRO-3, 1 rank, {device_name}")
+print(f"# rollout throughput: {cli.model}, {cli.prompts} prompts x {cli.new_tokens} new tokens per rank, greedy, "
+      f"ZeRO-3, {trainer.world_size} rank(s), {device_name}")
 if blocker:
     print(f"# hybrid engine not run: {blocker}")
-print("| path | completion tokens | best of %d (s) | tokens/s | vs gather-once | greedy tokens = gather-once |"
+print("| path | tokens per rank | best of %d (s) | tokens/s per rank | vs gather-once | greedy tokens = gather-once |"
       % cli.repeats)
 print("| --- | ---: | ---: | ---: | ---: | --- |")
 for name, r in results.items():
