@@ -431,11 +431,16 @@ class SDFTTrainer:
         return None if spec is None else checkpoint.resolve(spec, self.args.output_dir)
 
     def _check_resume_world_size(self, directory: Path, tag: str) -> None:
-        saved = len(list((directory / tag).glob(checkpoint.STATE_FILE.format(rank="*"))))
-        if saved != self.world_size:
-            raise ValueError(f"{directory / tag} was saved by {saved} rank(s) and this run has {self.world_size}: "
-                             "its rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume with "
-                             f"{saved} rank(s).")
+        """Each rank needs its own state file and none may exist past the last rank; decided on all ranks together,
+        so that they refuse as one (node-local checkpoints hold only their node's files)."""
+        folder = directory / tag
+        mine = (folder / checkpoint.STATE_FILE.format(rank=self.rank)).is_file()
+        beyond = (folder / checkpoint.STATE_FILE.format(rank=self.world_size)).is_file()
+        if engines.max_over_ranks(float(beyond or not mine)):
+            saved = len(list(folder.glob(checkpoint.STATE_FILE.format(rank="*"))))
+            raise ValueError(f"{folder} holds the state of {saved} rank(s) (on rank {self.rank}'s disk) and this run "
+                             f"has {self.world_size}: rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume "
+                             "with the number of ranks that saved it.")
 
     def _resume(self, directory: Path, tag: str) -> None:
         engines.load_checkpoint(self.student, str(directory), tag)

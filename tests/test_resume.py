@@ -61,6 +61,11 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == sorted([f"step-{stopped_at - 1}", tag])
     assert not (out / "model.safetensors").exists()  # an unfinished run exports nothing
 
+    one_rank = subprocess.run([sys.executable, "launch/train.py", "--config", "launch/recipes/demo.yaml", "--output_dir",
+                               str(out), "--resume_from_checkpoint", "latest"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert one_rank.returncode != 0 and "holds the state of 2 rank(s)" in one_rank.stderr, one_rank.stderr[-3000:]
+
     port = free_port()
     try:
         done = subprocess.run(_train_command(port, out, "--resume_from_checkpoint", "latest"), cwd=REPO, env=env,
