@@ -328,8 +328,9 @@ class TeacherEMA:
     """θ_T ← (1 − r)·θ_T + r·θ_S, each rank on the ZeRO-3 partition of θ_T it holds.
 
     Teacher and student of one architecture are partitioned alike, so each rank's teacher partition meets the
-    student partition of the same elements: nothing is gathered (a student laid out otherwise, e.g. under ZeRO-2,
-    is read whole or gathered one parameter at a time). With a 16-bit teacher the average is kept in an fp32 copy
+    student partition of the same elements and nothing is gathered; only the small parameters ZeRO-3 keeps whole
+    (persistent) are re-assembled with one all-gather each (a student laid out otherwise, e.g. under ZeRO-2, is
+    read whole or gathered one parameter at a time). With a 16-bit teacher the average is kept in an fp32 copy
     of those partitions: r·(θ_S − θ_T) at r = 0.01 is far below bf16's resolution (2^-8 relative), so averaging
     in bf16 would leave the teacher frozen."""
 
@@ -340,23 +341,22 @@ class TeacherEMA:
                         for t, _ in self.pairs]
 
     @staticmethod
-    def _student_values(student_param, teacher_param) -> torch.Tensor:
-        """The student's values at the elements of the teacher's piece; decided by layout alone, so every rank
-        gathers the same parameters or none."""
-        piece, offset = _piece(teacher_param)
+    def _student_values(student_param, teacher_param, offset: int, count: int) -> torch.Tensor:
+        """The student's values at elements [offset, offset + count) of the teacher's piece; decided by layout
+        alone, so every rank gathers the same parameters or none."""
         if not hasattr(student_param, "ds_tensor"):  # whole on every rank
-            return student_param.data.view(-1)[offset:offset + piece.numel()]
+            return student_param.data.view(-1)[offset:offset + count]
         if hasattr(teacher_param, "ds_tensor") and student_param.ds_tensor.numel() == teacher_param.ds_tensor.numel():
             return _piece(student_param)[0]  # ZeRO-3 partitions both alike: the same elements
         with gathered([student_param]):
-            return student_param.data.view(-1)[offset:offset + piece.numel()].clone()
+            return student_param.data.view(-1)[offset:offset + count].clone()
 
     @torch.no_grad()
     def update(self, rate: float) -> None:
         for (teacher_param, student_param), shadow in zip(self.pairs, self.shadows):
-            piece = _piece(teacher_param)[0]
+            piece, offset = _piece(teacher_param)
             target = piece if shadow is None else shadow
-            source = self._student_values(student_param, teacher_param)
+            source = self._student_values(student_param, teacher_param, offset, piece.numel())
             target.lerp_(source.to(target.device, target.dtype), rate)
             if shadow is not None:
                 piece.copy_(shadow)
