@@ -68,6 +68,11 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (timing boundaries); nothing to wait for on CPU."""
+    get_accelerator().synchronize()
+
+
 def barrier() -> None:
     dist.barrier()
 
@@ -279,14 +284,15 @@ def hybrid_engine_enabled(engine) -> bool:
 
 def fits_gathered(engine, headroom: float = 1.5) -> bool:
     """Whether one full copy of the model (times `headroom` for the KV cache and activations) fits in free
-    device memory — the gather-once rollout needs it on every rank at once."""
+    device memory on every rank — the gather-once rollout needs it on all ranks at once. Decided together (one
+    all-reduce): ranks near the limit must not take different paths, whose collectives would not pair."""
     _, total = numel(engine)
     element_size = next(engine.module.parameters()).element_size()
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return total * element_size * headroom < free
+    return max_over_ranks(float(total * element_size * headroom >= free)) == 0.0
 
 
 # ---------------------------------------------------------------- gathers
@@ -299,8 +305,94 @@ def gathered(params, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def gathered_model(engine):
-    return gathered(list(engine.module.parameters()))
+def partitioned(engine) -> bool:
+    return engine.zero_optimization_partition_weights()
+
+
+# ZeRO-3 internals used below (DeepSpeed 0.19, pinned <0.20 in pyproject for them): the module hooks kept by
+# DeepSpeedZeRoOffload (forward_hooks, backward_hooks, fwd_pre_hook) and the F.linear that zero.Init installs
+# process-wide (original kept as InsertPostInitMethodToModuleSubClasses.linear_bk).
+
+def _zero3_offload(engine):
+    """The object that owns the engine's ZeRO-3 module hooks (training engine or inference-only engine)."""
+    return getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+
+
+@contextlib.contextmanager
+def _hooks_suspended(offload):
+    """ZeRO-3's module hooks taken out of the modules' hook dictionaries and put back in their places.
+
+    Unlike removing and re-registering them (DeepSpeed's own `unwrap_model_for_generation`, TRL), the modules
+    keep their ids, so the parameter coordinator's recorded trace of the training step stays valid: nothing
+    the model runs meanwhile is recorded into it, and nothing has to be re-recorded afterwards."""
+    handles = [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]
+    saved = {}
+    for handle in handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            saved.setdefault(id(hooks), (hooks, dict(hooks)))
+            del hooks[handle.id]
+    try:
+        yield
+    finally:
+        for hooks, before in saved.values():
+            added = {key: hook for key, hook in hooks.items() if key not in before}
+            hooks.clear()
+            hooks.update(before)
+            hooks.update(added)
+
+
+@contextlib.contextmanager
+def _plain_linear():
+    """torch's own F.linear for the block. zero.Init's replacement (memory_efficient_linear) only pays off when
+    autograd would keep gathered weights alive until backward; without autograd it is a Python
+    autograd.Function per matmul, measured ~3x slower for decode-sized matmuls on CPU."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    if torch.nn.functional.linear is not zero3_linear_wrap:
+        yield
+        return
+    torch.nn.functional.linear = InsertPostInitMethodToModuleSubClasses.linear_bk
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = zero3_linear_wrap
+
+
+@contextlib.contextmanager
+def whole_model(engine):
+    """The engine's model as a plain module for inference: every ZeRO-3 parameter gathered once (one collective
+    for all of them), ZeRO-3's hooks suspended, so running it fetches nothing and records nothing; re-partitioned
+    and hooks restored on exit, exceptions included. A model that ZeRO does not partition is used as it is."""
+    if not partitioned(engine):
+        yield
+        return
+    with torch.no_grad(), gathered(list(engine.module.parameters())), _hooks_suspended(_zero3_offload(engine)), \
+            _plain_linear():
+        yield
+
+
+@contextlib.contextmanager
+def hooked_inference(engine):
+    """Inference through ZeRO-3's hooks (per-layer gathers). Every forward of it is recorded as a step of the
+    parameter coordinator's trace, which then no longer describes training: forget it afterwards, so the next
+    training forward records afresh instead of replaying and invalidating a decoding trace."""
+    try:
+        yield
+    finally:
+        if partitioned(engine):
+            coordinator = _zero3_offload(engine).get_param_coordinator()
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+
+
+def full_copy(param: nn.Parameter) -> torch.Tensor:
+    """A detached full copy of a (possibly partitioned) parameter; every rank must call it."""
+    if not hasattr(param, "ds_id"):
+        return param.detach()
+    with gathered([param]):
+        return param.data.clone()
 
 
 def _piece(param) -> tuple[torch.Tensor, int]:

@@ -76,7 +76,11 @@ def generation_config(sampling: SamplingConfig, eos_ids: list[int], pad_id: int,
 
 
 class HFGenerateRollout(RolloutEngine):
-    """Hugging Face `generate` on a ZeRO-3 engine, the model gathered once per call or layer by layer."""
+    """Hugging Face `generate` on a ZeRO-3 engine, the model gathered once per call or layer by layer.
+
+    Gather-once runs on the whole model with ZeRO-3's hooks suspended (`engines.whole_model`): decoding is then
+    local to each rank, so ranks stop at their own longest completion without `synced_gpus`. Per-layer decoding
+    gathers through the hooks, a collective per layer and token, so ranks must step together (`synced_gpus`)."""
 
     def __init__(self, engine, eos_ids: list[int], pad_id: int, gather_once: bool, world_size: int):
         self.engine, self.eos_ids, self.pad_id = engine, eos_ids, pad_id
@@ -90,17 +94,17 @@ class HFGenerateRollout(RolloutEngine):
         was_training = lm.training
         lm.eval()
         lm.config.use_cache = True
-        gather = engines.gathered_model(self.engine) if self.gather_once else engines.gathered([])
+        context = engines.gathered(list(self.engine.module.parameters())) if self.gather_once else engines.hooked_inference(self.engine)
         try:
-            with torch.no_grad(), gather:
+            with torch.no_grad(), context:
                 output = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                      generation_config=generation_config(sampling, self.eos_ids, self.pad_id, greedy),
-                                     synced_gpus=self.world_size > 1)
+                                     synced_gpus=self.world_size > 1 and not self.gather_once
+                                     and engines.partitioned(self.engine))
         finally:
             lm.config.use_cache = False
             lm.train(was_training)
         width = prompt_ids.shape[1]
-        # generate() stops at the longest completion; pad every batch to the same width is not needed.
         attention = torch.cat([prompt_mask, torch.ones_like(output[:, width:])], dim=1)
         return RolloutBatch(output, attention, torch.full((output.shape[0],), width, dtype=torch.long))
 

@@ -5,10 +5,48 @@ Other ranks get a tracker that does nothing, so call sites never test the rank.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import time
 
 logger = logging.getLogger("sdft_ds")
+
+PHASES = ("generation", "teacher_forward", "student_forward", "backward", "optimizer_step", "teacher_sync",
+          "checkpoint")
+
+
+class PhaseClock:
+    """Wall-clock seconds per phase of a step, and of the whole step (`step`). The accelerator is synchronised at
+    every boundary, so asynchronous GPU work is charged to the phase that queued it (a no-op on CPU).
+
+        with PhaseClock(sync) as clock:
+            with clock("generation"): ...
+    """
+
+    def __init__(self, synchronize):
+        self.synchronize = synchronize
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def __enter__(self) -> PhaseClock:
+        self.synchronize()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.synchronize()
+        self.seconds["step"] += time.perf_counter() - self._started
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self.synchronize()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[phase] += time.perf_counter() - started
 
 
 class Tracker:
@@ -32,8 +70,8 @@ class Tracker:
         self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['divergence']:.4f}", refresh=False)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         self.progress.write(f"step {step}: {shown}")
-        if self.run is not None:
-            self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if self.run is not None:  # "time/<phase>" keys make their own W&B section
+            self.run.log({k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     def info(self, message: str) -> None:
         self.progress.write(message)

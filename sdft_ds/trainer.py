@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from sdft_ds.config import SDFTConfig
 from sdft_ds.data import PromptSampler, left_pad, load_prompt_dataset, tokenize_prompts, with_teacher_prompts
 from sdft_ds.divergence import DivergenceOutput, linear_divergence
 from sdft_ds.rollout import build_rollout, loss_mask, split_completions
-from sdft_ds.tracking import logger, make_tracker
+from sdft_ds.tracking import PHASES, PhaseClock, logger, make_tracker
 
 
 @dataclass
@@ -133,6 +132,8 @@ class SDFTTrainer:
         self.prompts_truncated = 0
         self.teacher_prompts_truncated = 0
         self.stop_signal = 0  # the signal that stopped train() early, after saving a checkpoint
+        self.window = StepStats()  # loss metrics of the steps since the last log
+        self._teacher_head: torch.Tensor | None = None  # see _teacher_weight
 
     # ------------------------------------------------------------ construction helpers
 
@@ -222,38 +223,57 @@ class SDFTTrainer:
     def _loop(self, tracker, stop: checkpoint.StopSignals) -> dict[str, float]:
         args = self.args
         metrics: dict[str, float] = {}
-        stats = StepStats()
         while self.step < self.total_steps:
-            started = time.perf_counter()
             learning_rate = engines.learning_rate(self.student)  # the rate this step uses
-            if not self.queue:
-                self.queue = self._generate_round()
-            micro_batches = [self.queue.pop(0) for _ in range(args.gradient_accumulation_steps)]
-            token_count = self._global_loss_tokens(micro_batches)
-            for batch in micro_batches:
-                out = self._train_micro_batch(batch, token_count)
-                stats.add(batch, out, args.distillation_is_clip)
-            self.step += 1
-            self._sync_teacher()
-            stats.sums["seconds"] += time.perf_counter() - started
-            stats.sums["steps"] += 1
+            self.window.add_step(self.train_step())
             tracker.advance(self.step)
             if self.step % args.logging_steps == 0 or self.step == self.total_steps:
-                metrics = stats.reduce(self.world_size)
+                metrics = self.window.reduce(self.world_size)
                 metrics.update(learning_rate=learning_rate, teacher_syncs=self.teacher_syncs,
                                prompts_truncated=self.prompts_truncated,
                                teacher_prompts_truncated=self.teacher_prompts_truncated)
                 tracker.log(metrics, self.step)
-                stats = StepStats()
+                self.window = StepStats()
             self.stop_signal = int(engines.max_over_ranks(stop.signum))  # every rank stops at the same step
             if self.stop_signal or (args.save_steps and self.step % args.save_steps == 0):
-                path = self.save_checkpoint()
+                with PhaseClock(engines.synchronize) as clock, clock("checkpoint"):
+                    path = self.save_checkpoint()
+                self.window.add_step(clock.seconds, steps=0)  # charged to the next logged window
                 tracker.info(f"checkpoint saved to {path}")
             if self.stop_signal:
                 tracker.info(f"stopped by signal {self.stop_signal} after optimizer step {self.step}; continue with "
                              f"--resume_from_checkpoint {Path(path).parent}")
                 break
         return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step, the recipe of SDFT: rollout (when no generated batch is left) → per micro-batch
+        teacher forward → student forward with the fused divergence → backward → optimizer step; then the teacher
+        sync. Returns this rank's seconds per phase (`PHASES`), `step` (their wall-clock total) and `tokens`
+        (prompt + completion tokens trained, padding excluded); the loss metrics go to `self.window`."""
+        args = self.args
+        tokens = 0.0
+        with PhaseClock(engines.synchronize) as clock:
+            if not self.queue:
+                with clock("generation"):
+                    self.queue = self._generate_round()
+            micro_batches = [self.queue.pop(0) for _ in range(args.gradient_accumulation_steps)]
+            token_count = self._global_loss_tokens(micro_batches)
+            for batch in micro_batches:
+                with clock("teacher_forward"):
+                    teacher_hidden = self._teacher_hidden(batch)
+                with clock("student_forward"):
+                    out = self._student_divergence(batch, teacher_hidden, token_count)
+                with clock("backward"):
+                    self.student.backward(out.loss)
+                with clock("optimizer_step"):
+                    self.student.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                self.window.add(batch, out, args.distillation_is_clip)
+                tokens += float(batch.attention_mask.sum())
+            self.step += 1
+            with clock("teacher_sync"):
+                self._sync_teacher()
+        return {**clock.seconds, "tokens": tokens}
 
     def _generate_round(self) -> list[MicroBatch]:
         """Sample completions for one round of prompts and cut them into micro-batches (× num_iterations)."""
@@ -332,25 +352,29 @@ class SDFTTrainer:
                                   batch.completion_ids.shape[1])
         return hidden[batch.completion_mask.bool()]
 
-    def _train_micro_batch(self, batch: MicroBatch, token_count: float) -> DivergenceOutput:
+    def _teacher_weight(self) -> torch.Tensor | None:
+        """The teacher's output weight, gathered once and kept until the teacher changes (an EMA sync), instead of
+        once per micro-batch; None for a live teacher, which shares the student's (gathered by the head)."""
+        if self.teacher is self.student:
+            return None
+        if self._teacher_head is None:
+            self._teacher_head = engines.full_copy(engines.output_weight(self.teacher))
+        return self._teacher_head
+
+    def _student_divergence(self, batch: MicroBatch, teacher_hidden: torch.Tensor,
+                            token_count: float) -> DivergenceOutput:
+        """The student's forward with the divergence fused into its output head (logits never materialised)."""
         selected = batch.completion_mask.bool()
         stale = batch.rollout_logprobs is not None and self.step > batch.rollout_step
         head_kwargs = dict(
-            teacher_hidden=self._teacher_hidden(batch),
-            teacher_weight=None if self.teacher is self.student else engines.output_weight(self.teacher),
+            teacher_hidden=teacher_hidden, teacher_weight=self._teacher_weight(),
             token_weights=self._token_weights(batch, token_count),
             target_ids=batch.completion_ids[selected],
             rollout_logprobs=batch.rollout_logprobs[selected] if stale else None,
             is_clip=self.args.distillation_is_clip, **self._divergence_kwargs())
-        teacher_weight_gather = (engines.gathered([]) if self.teacher is self.student
-                                 else engines.gathered([engines.output_weight(self.teacher)]))
-        with teacher_weight_gather:
-            out = DivergenceOutput(*self.student(batch.input_ids, batch.attention_mask, batch.start,
-                                                 batch.completion_ids.shape[1], token_mask=selected,
-                                                 head_fn=_head_divergence, head_kwargs=head_kwargs))
-        self.student.backward(out.loss)
-        self.student.step()
-        return out
+        return DivergenceOutput(*self.student(batch.input_ids, batch.attention_mask, batch.start,
+                                              batch.completion_ids.shape[1], token_mask=selected,
+                                              head_fn=_head_divergence, head_kwargs=head_kwargs))
 
     def _rollout_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         """log S(completion token) under the policy that sampled it, for the importance ratio on reuse."""
@@ -369,6 +393,7 @@ class SDFTTrainer:
         if self.ema is not None and self.step % self.args.teacher_sync_steps == 0:
             self.ema.update(self.args.teacher_update_rate)
             self.teacher_syncs += 1
+            self._teacher_head = None
 
     # ------------------------------------------------------------ evaluation
 
@@ -388,11 +413,8 @@ class SDFTTrainer:
         selected = batch.completion_mask.bool()
         weights = batch.loss_mask.float()[selected]
         head_kwargs = dict(teacher_hidden=self._teacher_hidden(batch), token_weights=weights,
-                           teacher_weight=None if self.teacher is self.student
-                           else engines.output_weight(self.teacher), **self._divergence_kwargs())
-        gather = (engines.gathered([]) if self.teacher is self.student
-                  else engines.gathered([engines.output_weight(self.teacher)]))
-        with torch.no_grad(), gather:
+                           teacher_weight=self._teacher_weight(), **self._divergence_kwargs())
+        with torch.no_grad():
             out = DivergenceOutput(*self.student(batch.input_ids, batch.attention_mask, batch.start, ids.shape[1],
                                                  token_mask=selected, head_fn=_head_divergence,
                                                  head_kwargs=head_kwargs))
@@ -452,6 +474,7 @@ class SDFTTrainer:
                       for b in state["queue"]]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self._teacher_head = None
         _set_rng_state(state["rng"])
 
     def push_to_hub(self, repo_id: str | None = None) -> str:
@@ -489,7 +512,7 @@ class StepStats:
     """Sums, minima and maxima of one logging window, reduced over ranks with three collectives."""
 
     SUMS = ("loss", "micro_batches", "divergence", "entropy", "loss_tokens", "length", "completions", "truncated",
-            "ratio", "ratio_tokens", "ratio_clipped", "seconds", "steps")
+            "ratio", "ratio_tokens", "ratio_clipped", "step", "tokens", "steps", *PHASES)
     EXTREMES = ("length", "ratio")
 
     def __init__(self):
@@ -500,6 +523,12 @@ class StepStats:
     def _extreme(self, name: str, values: torch.Tensor) -> None:
         self.mins[name] = min(self.mins[name], float(values.min()))
         self.maxs[name] = max(self.maxs[name], float(values.max()))
+
+    def add_step(self, seconds: dict[str, float], steps: int = 1) -> None:
+        """A step's (or a checkpoint's) phase seconds, total seconds and tokens, from `PhaseClock`."""
+        for name, value in seconds.items():
+            self.sums[name] += value
+        self.sums["steps"] += steps
 
     def add(self, batch: MicroBatch, out: DivergenceOutput, is_clip: float | None) -> None:
         loss_mask = batch.loss_mask[batch.completion_mask.bool()].double().cpu()
@@ -523,6 +552,8 @@ class StepStats:
             self._extreme("ratio", ratio)
 
     def reduce(self, world_size: int) -> dict[str, float]:
+        """Means over the window and all ranks. Times are per optimizer step, averaged over ranks; tokens/s is
+        the prompt + completion tokens trained on all ranks per second of (mean) step time."""
         totals = engines.all_reduce_sum(torch.tensor([self.sums[k] for k in self.SUMS], dtype=torch.float64,
                                                      device=engines.device()))
         mins = engines.all_reduce_min(torch.tensor([self.mins[k] for k in self.EXTREMES], dtype=torch.float64,
@@ -531,12 +562,13 @@ class StepStats:
                                                     device=engines.device()))
         t = dict(zip(self.SUMS, totals.cpu().tolist()))
         low, high = dict(zip(self.EXTREMES, mins.cpu().tolist())), dict(zip(self.EXTREMES, maxs.cpu().tolist()))
-        tokens = max(t["loss_tokens"], 1.0)
+        tokens, steps = max(t["loss_tokens"], 1.0), max(t["steps"], 1.0)
         metrics = {"loss": t["loss"] / t["micro_batches"], "divergence": t["divergence"] / tokens,
                    "entropy": t["entropy"] / tokens, "completion_length": t["length"] / t["completions"],
                    "completion_length_min": low["length"], "completion_length_max": high["length"],
-                   "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["seconds"] / t["steps"],
-                   "tokens_per_second": t["length"] / max(t["seconds"] / world_size, 1e-9)}
+                   "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["step"] / steps,
+                   "tokens_per_second": t["tokens"] / max(t["step"] / world_size, 1e-9),
+                   **{f"time/{phase}": t[phase] / steps for phase in PHASES}}
         if t["ratio_tokens"]:
             metrics.update(is_ratio_mean=t["ratio"] / t["ratio_tokens"], is_ratio_min=low["ratio"],
                            is_ratio_max=high["ratio"], is_ratio_clipped=t["ratio_clipped"] / t["ratio_tokens"])

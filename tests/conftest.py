@@ -30,10 +30,10 @@ def _remove_shm(port: int) -> None:
         f.unlink(missing_ok=True)
 
 
-def launch(command: list[str], timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(command: list[str], timeout: int = 900, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
     """Run `command` (after `deepspeed --num_gpus N --master_port P`) and fail with its output on error."""
     port = free_port()
-    full = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+    full = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
             *command]
     try:
         done = subprocess.run(full, cwd=REPO, capture_output=True, text=True, timeout=timeout,

@@ -44,7 +44,8 @@ completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in a
 batch = trainer._micro_batch(prompts.prompt_ids, prompts.teacher_prompt_ids, completion_ids, completion_mask,
                              torch.zeros(2, dtype=torch.bool))
 before = engines.consolidated_state_dict(trainer.student)
-trainer._train_micro_batch(batch, token_count=0.0)
+trainer.queue = [batch]  # the step trains on these fixed completions instead of sampling
+trainer.train_step()
 after = engines.consolidated_state_dict(trainer.student)
 inputs = {k: torch.as_tensor(getattr(batch, k)).cpu() for k in ("input_ids", "attention_mask", "start", "teacher_input_ids",
                                                 "teacher_attention_mask", "teacher_start", "completion_ids",

@@ -1,0 +1,97 @@
+"""Run by tests/test_generation_mechanism.py under `deepspeed --num_gpus N`: what ZeRO-3 does while sdft_ds
+generates and trains, counted at DeepSpeed's own entry points (parameter fetches by the module hooks, trace
+invalidations) and at torch.distributed's all-gather. Each rank writes report-rank<R>.json.
+
+    deepspeed --num_gpus 2 tests/distributed/generation_mechanism.py --out DIR
+"""
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+from transformers import AutoTokenizer
+
+from sdft_ds import SDFTConfig, SDFTTrainer
+from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
+from sdft_ds.data import left_pad
+from sdft_ds.rollout import HFGenerateRollout
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--local_rank", type=int, default=-1)
+out = Path(parser.parse_args().out)
+
+counts: collections.Counter = collections.Counter()
+
+
+def count_calls(owner, name: str) -> None:
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counted)
+
+
+count_calls(PartitionedParameterCoordinator, "fetch_sub_module")  # what ZeRO-3's forward hooks call per module
+count_calls(PartitionedParameterCoordinator, "_invalidate_trace")
+count_calls(dist, "all_gather_into_tensor")  # every ZeRO-3 parameter gather on more than one rank
+
+
+def counted(fn) -> dict:
+    counts.clear()
+    fn()
+    return dict(counts)
+
+
+tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+# Sampling at a high temperature from a tiny model: completions end at EOS at many different positions.
+config = SDFTConfig(output_dir=str(out / "run"), per_device_train_batch_size=4, max_steps=8,
+                    max_completion_length=24, temperature=1.5, seed=0)
+trainer = SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), ref_model=str(model_dir("tiny-qwen2-teacher")),
+                      args=config, processing_class=tokenizer, train_dataset=str(DEMO_TRAIN))
+report: dict = {"rollout": trainer.rollout.name, "world_size": trainer.world_size,
+                "partitioned_params": sum(1 for p in trainer.student.module.parameters()
+                                          if hasattr(p, "ds_id") and not p.ds_persist)}
+rows = [trainer.prompts.prompt_ids[i] for i in range(4)]
+ids, mask = left_pad(rows, tokenizer.pad_token_id)
+request = RolloutRequest(ids, mask)
+never = [tokenizer.vocab_size + 1]  # an id no model emits: every call decodes exactly max_new_tokens
+for engine_name, engine in (("student", trainer.student), ("teacher", trainer.teacher)):
+    for gather_once in (True, False):
+        rollout = HFGenerateRollout(engine, never, tokenizer.pad_token_id, gather_once, trainer.world_size)
+        for new_tokens in (4, 16):
+            report[f"{engine_name}_{rollout.name}_{new_tokens}"] = counted(
+                lambda: rollout.generate(request, SamplingConfig(max_new_tokens=new_tokens), greedy=True))
+
+in_generation: list[dict] = []
+generate = trainer.rollout.generate
+
+
+def generate_counted(*args, **kwargs):
+    before = collections.Counter(counts)
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        in_generation.append(dict(collections.Counter(counts) - before))
+
+
+trainer.rollout.generate = generate_counted
+steps, completion_tokens = [], []
+for _ in range(config.max_steps):
+    trainer.queue.clear()  # a fresh rollout every step
+    tokens_before = trainer.window.sums["length"]
+    steps.append(counted(trainer.train_step))
+    completion_tokens.append(trainer.window.sums["length"] - tokens_before)
+report.update(steps=steps, in_generation=in_generation, completion_tokens=completion_tokens)
+coordinator = trainer.student.optimizer.parameter_offload.get_param_coordinator()
+report["trace_complete"] = coordinator.is_complete_trace()
+report["released"] = all(p.data.numel() == 0 for p in trainer.student.module.parameters()
+                         if hasattr(p, "ds_id") and not p.ds_persist)
+(out / f"report-rank{trainer.rank}.json").write_text(json.dumps(report, indent=1))
