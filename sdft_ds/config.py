@@ -57,8 +57,10 @@ class SDFTConfig:
                            default="none")
     run_name: str | None = _help("Run name for Weights & Biases.", default=None)
     deepspeed: str | dict | None = _help("Student DeepSpeed config (path or dict); default "
-                                         "ds_configs/zero3_offload.json. `auto` values are filled from this "
-                                         "config.", default=None)
+                                         "ds_configs/zero3_offload.json. ZeRO-0/1/2 configs (zero0.json, "
+                                         "zero2_offload.json, ...) are faster where the model fits whole on each "
+                                         "device (README). `auto` values are filled from this config.",
+                                         default=None)
     save_total_limit: int | None = _help("Keep only this many newest checkpoints (older step-N folders are deleted "
                                          "after a new one is complete); None keeps all.", default=None)
     resume_from_checkpoint: str | None = _help("Continue a run from a checkpoint written every save_steps or on "
@@ -79,7 +81,9 @@ class SDFTConfig:
 
     # ---- teacher ----
     teacher_deepspeed: str | dict | None = _help("Teacher DeepSpeed config (inference only, no optimizer); "
-                                                 "default ds_configs/teacher_zero3.json.", default=None)
+                                                 "default ds_configs/teacher_zero3.json under a ZeRO-3 student, "
+                                                 "ds_configs/teacher_zero0.json (whole on each rank) under a "
+                                                 "ZeRO-0/1/2 student, whose model fits whole.", default=None)
     teacher_mode: str = _help("frozen: the teacher keeps its initial weights; ema: θ_T ← (1−r)θ_T + rθ_S every "
                               "teacher_sync_steps; live: the teacher is the current student.", default="frozen")
     teacher_update_rate: float = _help("EMA rate r (paper: 0.01).", default=0.01)
@@ -205,10 +209,10 @@ class SDFTConfig:
     def student_ds_config_path(self) -> str | dict:
         return self.deepspeed if self.deepspeed is not None else str(DS_CONFIG_DIR / "zero3_offload.json")
 
-    def teacher_ds_config_path(self) -> str | dict:
+    def teacher_ds_config_path(self, student_stage: int = 3) -> str | dict:
         if self.teacher_deepspeed is not None:
             return self.teacher_deepspeed
-        return str(DS_CONFIG_DIR / "teacher_zero3.json")
+        return str(DS_CONFIG_DIR / ("teacher_zero3.json" if student_stage == 3 else "teacher_zero0.json"))
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

@@ -112,10 +112,6 @@ def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
     already partitioned (zero.Init).
     """
     config = read_ds_config(source)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != 3:
-        logger.warning("DeepSpeed config %s uses ZeRO stage %s; sdft_ds is built and tested for stage 3.",
-                       source if isinstance(source, str) else "<dict>", stage)
     hf_args = SimpleNamespace(
         world_size=world_size, per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
@@ -128,6 +124,10 @@ def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
     hf_config.trainer_config_finalize(hf_args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)),
                                       num_training_steps)
     return hf_config
+
+
+def zero_stage(hf_config: HfDeepSpeedConfig) -> int:
+    return int(hf_config.get_value("zero_optimization.stage", 0))
 
 
 def model_dtype(hf_config: HfDeepSpeedConfig) -> torch.dtype:
@@ -478,10 +478,10 @@ def copy_weights(teacher_engine, student_engine) -> None:
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     """The full 16-bit state dict of the LM on rank 0 (empty on other ranks); every rank must call it."""
-    if engine.zero_optimization_partition_weights():
+    if partitioned(engine):
         state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
+    else:  # copies, as ZeRO-3's are: the live tensors change with the next optimizer step
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()} if dist.get_rank() == 0 else {}
     return {k.removeprefix("lm."): v for k, v in (state or {}).items() if k.startswith("lm.")}
 
 

@@ -106,8 +106,8 @@ class SDFTTrainer:
         self.total_steps = args.max_steps if args.max_steps > 0 else max(
             1, math.ceil(args.num_train_epochs * self.sampler.rounds_per_epoch * steps_per_round))
 
-        student_ds = engines.fill_ds_config(args.student_ds_config_path(), args, self.world_size,
-                                            student_config.hidden_size, self.total_steps)
+        self._student_ds = student_ds = engines.fill_ds_config(args.student_ds_config_path(), args, self.world_size,
+                                                               student_config.hidden_size, self.total_steps)
         student_lm = engines.load_causal_lm(model, student_ds, args.model_init_kwargs, args.attn_implementation)
         self.eos_ids = self._eos_ids(student_lm)
         if args.disable_dropout:
@@ -115,8 +115,7 @@ class SDFTTrainer:
         self.student = engines.build_student_engine(student_lm, student_ds, args, self.total_steps)
         self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, model, teacher_config)
-        set_hf_deepspeed_config(student_ds)  # generate() reads the registered config (synced_gpus under ZeRO-3)
-        self._ds_configs = (student_ds,)
+        set_hf_deepspeed_config(student_ds)  # transformers holds it by weak reference: self._student_ds keeps it
 
         generator = self.teacher if args.generate_from_teacher else self.student
         self.rollout = build_rollout(generator, args.rollout_path, self.tokenizer, self.eos_ids,
@@ -179,7 +178,8 @@ class SDFTTrainer:
         args = self.args
         if args.teacher_mode == "live":
             return self.student
-        teacher_ds = engines.fill_ds_config(args.teacher_ds_config_path(), args, self.world_size,
+        teacher_ds = engines.fill_ds_config(args.teacher_ds_config_path(engines.zero_stage(self._student_ds)), args,
+                                            self.world_size,
                                             teacher_config.hidden_size, self.total_steps)
         if ref_model is not None:
             lm = engines.load_causal_lm(ref_model, teacher_ds, args.model_init_kwargs, args.attn_implementation)

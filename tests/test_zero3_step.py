@@ -1,5 +1,6 @@
-"""One ZeRO-3 step on 2 ranks (CPU-Adam offload, chunked divergence fused into the output layer) equals one
-plain-PyTorch step of the naive dense loss on the same global batch — tied and untied output embeddings."""
+"""One step on 2 ranks after a rollout (chunked divergence fused into the output layer) equals one plain-PyTorch
+step of the naive dense loss on the same global batch — tied and untied output embeddings, ZeRO-3 and ZeRO-2
+with CPU-Adam offload, ZeRO-1 and ZeRO-0 (the teacher then unpartitioned by default)."""
 
 import pytest
 import torch
@@ -28,9 +29,13 @@ def completion_logits(model, ids, mask, start, length):
     return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:start - 1 + length]
 
 
-@pytest.mark.parametrize("student, alpha", [("tiny-qwen2-student", 0.0), ("tiny-llama", 0.5)])
-def test_zero3_step_matches_single_process_dense_reference(tmp_path, student, alpha):
-    launch(["tests/distributed/one_step.py", "--out", str(tmp_path), "--student", student, "--alpha", str(alpha)])
+@pytest.mark.parametrize("student, alpha, ds_config", [
+    ("tiny-qwen2-student", 0.0, "zero3_offload.json"), ("tiny-llama", 0.5, "zero3_offload.json"),
+    ("tiny-llama", 0.0, "zero2_offload.json"), ("tiny-qwen2-student", 0.0, "zero1.json"),
+    ("tiny-qwen2-student", 0.5, "zero0.json")])
+def test_step_matches_single_process_dense_reference(tmp_path, student, alpha, ds_config):
+    launch(["tests/distributed/one_step.py", "--out", str(tmp_path), "--student", student, "--alpha", str(alpha),
+            "--deepspeed", ds_config])
     saved = torch.load(tmp_path / "step.pt")
     model = AutoModelForCausalLM.from_pretrained(model_dir(student), dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir("tiny-qwen2-teacher"), dtype=torch.float32)

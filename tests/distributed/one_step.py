@@ -1,7 +1,8 @@
-"""Run under `deepspeed --num_gpus 2` by tests/test_zero3_step.py: one SDFT optimizer step on fixed
-completions; rank 0 saves every rank's inputs and the updated (gathered) student weights.
+"""Run under `deepspeed --num_gpus 2` by tests/test_zero3_step.py: a rollout, then one SDFT optimizer step on
+fixed completions; rank 0 saves every rank's inputs and the updated (gathered) student weights.
 
-    deepspeed --num_gpus 2 tests/distributed/one_step.py --out DIR --student tiny-llama --alpha 0.5
+    deepspeed --num_gpus 2 tests/distributed/one_step.py --out DIR --student tiny-llama --alpha 0.5 \
+        --deepspeed zero2_offload.json
 """
 
 import argparse
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 
 from sdft_ds import SDFTConfig, SDFTTrainer, engines
 from sdft_ds.assets import DEMO_HELDOUT, TOKENIZER_DIR, model_dir
+from sdft_ds.config import DS_CONFIG_DIR
 from sdft_ds.data import load_prompt_dataset, tokenize_prompts, with_teacher_prompts
 
 parser = argparse.ArgumentParser()
@@ -20,6 +22,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--student", default="tiny-qwen2-student")
 parser.add_argument("--alpha", type=float, default=0.0)
 parser.add_argument("--impl", default="chunked")
+parser.add_argument("--deepspeed", default="zero3_offload.json", help="a file in ds_configs/")
 parser.add_argument("--local_rank", type=int, default=-1)
 cli = parser.parse_args()
 
@@ -29,7 +32,8 @@ tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 config = SDFTConfig(output_dir=cli.out, per_device_train_batch_size=2, max_steps=1, learning_rate=1.0,
                     adam_epsilon=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", distillation_alpha=cli.alpha,
                     divergence_impl=cli.impl, divergence_token_chunk=5, divergence_vocab_chunk=100,
-                    num_loss_tokens_to_skip=1, max_completion_length=16, seed=0)
+                    num_loss_tokens_to_skip=1, max_completion_length=16, seed=0,
+                    deepspeed=str(DS_CONFIG_DIR / cli.deepspeed))
 trainer = SDFTTrainer(model=str(model_dir(cli.student)), ref_model=str(model_dir("tiny-qwen2-teacher")),
                       args=config, processing_class=tokenizer, train_dataset=str(DEMO_HELDOUT))
 rank = trainer.rank
@@ -44,7 +48,8 @@ completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in a
 batch = trainer._micro_batch(prompts.prompt_ids, prompts.teacher_prompt_ids, completion_ids, completion_mask,
                              torch.zeros(2, dtype=torch.bool))
 before = engines.consolidated_state_dict(trainer.student)
-trainer.queue = [batch]  # the step trains on these fixed completions instead of sampling
+trainer.queue = trainer._generate_round()  # a real rollout first: training after it must be unaffected
+trainer.queue = [batch]  # the step trains on these fixed completions instead of the sampled ones
 trainer.train_step()
 after = engines.consolidated_state_dict(trainer.student)
 inputs = {k: torch.as_tensor(getattr(batch, k)).cpu() for k in ("input_ids", "attention_mask", "start", "teacher_input_ids",
