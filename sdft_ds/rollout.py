@@ -94,7 +94,7 @@ class HFGenerateRollout(RolloutEngine):
         was_training = lm.training
         lm.eval()
         lm.config.use_cache = True
-        context = engines.gathered(list(self.engine.module.parameters())) if self.gather_once else engines.hooked_inference(self.engine)
+        context = engines.whole_model(self.engine) if self.gather_once else engines.hooked_inference(self.engine)
         try:
             with torch.no_grad(), context:
                 output = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
