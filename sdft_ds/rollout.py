@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 from sdft_ds import engines
 
@@ -63,10 +63,26 @@ def split_completions(batch: RolloutBatch, eos_ids: list[int], pad_id: int) -> C
     return Completions(ids.masked_fill(mask == 0, pad_id), mask, truncated)
 
 
-def generation_config(sampling: SamplingConfig, eos_ids: list[int], pad_id: int, greedy: bool = False):
+def _compile_config() -> CompileConfig:
+    """transformers compiles the decoding forward by itself only on accelerators; `_compile_all_devices` (a
+    private switch of transformers 5, pinned <6 in pyproject) lets CPU runs use the same mechanism."""
+    config = CompileConfig(fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if torch.cuda.is_available() else "default")
+    config._compile_all_devices = True
+    return config
+
+
+COMPILE_CONFIG = _compile_config()  # one object: transformers recompiles when the config compares unequal
+PROMPT_WIDTH_MULTIPLE = 64  # compiled decoding: prompts padded to a multiple, so the static cache keeps its shape
+
+
+def generation_config(sampling: SamplingConfig, eos_ids: list[int], pad_id: int, greedy: bool = False,
+                      compiled: bool = False):
     """Every sampling field set explicitly: `generate` fills unset ones from the model's own generation
     config (Qwen2.5-Instruct ships repetition_penalty=1.05), which would silently change the policy."""
-    return GenerationConfig(
+    compile_fields = (dict(cache_implementation="static", compile_config=COMPILE_CONFIG) if compiled
+                      else dict(cache_implementation=None, disable_compile=True))
+    return GenerationConfig(**compile_fields,
         do_sample=not greedy, temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p, top_k=0 if greedy else max(sampling.top_k, 0),
         min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
@@ -82,15 +98,23 @@ class HFGenerateRollout(RolloutEngine):
     local to each rank, so ranks stop at their own longest completion without `synced_gpus`. Per-layer decoding
     gathers through the hooks, a collective per layer and token, so ranks must step together (`synced_gpus`)."""
 
-    def __init__(self, engine, eos_ids: list[int], pad_id: int, gather_once: bool, world_size: int):
+    def __init__(self, engine, eos_ids: list[int], pad_id: int, gather_once: bool, world_size: int,
+                 compiled: bool = False):
+        if compiled and not gather_once:
+            raise ValueError("Compiled decoding needs the whole model (gather-once): ZeRO-3's per-layer hooks "
+                             "cannot run inside a compiled graph.")
         self.engine, self.eos_ids, self.pad_id = engine, eos_ids, pad_id
-        self.gather_once, self.world_size = gather_once, world_size
-        self.name = "gather_once" if gather_once else "per_layer"
+        self.gather_once, self.world_size, self.compiled = gather_once, world_size, compiled
+        self.name = ("gather_once" if gather_once else "per_layer") + ("+compiled" if compiled else "")
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:
         lm = engines.language_model(self.engine)
         prompt_ids = request.prompt_ids.repeat_interleave(sampling.n_samples_per_prompt, 0)
         prompt_mask = request.prompt_attention_mask.repeat_interleave(sampling.n_samples_per_prompt, 0)
+        if self.compiled:
+            extra = -prompt_ids.shape[1] % PROMPT_WIDTH_MULTIPLE
+            prompt_ids = torch.nn.functional.pad(prompt_ids, (extra, 0), value=self.pad_id)
+            prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0), value=0)
         was_training = lm.training
         lm.eval()
         lm.config.use_cache = True
@@ -98,7 +122,8 @@ class HFGenerateRollout(RolloutEngine):
         try:
             with torch.no_grad(), context:
                 output = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                     generation_config=generation_config(sampling, self.eos_ids, self.pad_id, greedy),
+                                     generation_config=generation_config(sampling, self.eos_ids, self.pad_id, greedy,
+                                                                         self.compiled),
                                      synced_gpus=self.world_size > 1 and not self.gather_once
                                      and engines.partitioned(self.engine))
         finally:
@@ -202,10 +227,11 @@ class ValidatedRollout(RolloutEngine):
 
 
 def build_rollout(engine, path: str, tokenizer, eos_ids: list[int], pad_id: int, world_size: int,
-                  hybrid_engine_enabled: bool) -> RolloutEngine:
+                  hybrid_engine_enabled: bool, compiled: bool = False) -> RolloutEngine:
     """The generation path for `engine`: `path` from SDFTConfig.rollout_path, `auto` deciding by model,
     device and memory. Logged once."""
-    gather_once = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=True, world_size=world_size)
+    gather_once = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=True, world_size=world_size,
+                                    compiled=compiled)
     per_layer = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=False, world_size=world_size)
     config = engines.language_model(engine).config
     blocker = hybrid_engine_blocker(config, hybrid_engine_enabled, torch.cuda.is_available())
@@ -224,5 +250,8 @@ def build_rollout(engine, path: str, tokenizer, eos_ids: list[int], pad_id: int,
                                    gather_once if fits else per_layer)
     else:
         rollout = gather_once if path == "gather_once" else per_layer
+    if compiled and rollout is not gather_once:
+        logger.warning("compile_generation is ignored: the %s path does not run the whole gathered model.",
+                       rollout.name)
     logger.info("Generation path: %s (%s)", rollout.name, reason)
     return rollout

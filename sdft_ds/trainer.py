@@ -120,7 +120,7 @@ class SDFTTrainer:
         generator = self.teacher if args.generate_from_teacher else self.student
         self.rollout = build_rollout(generator, args.rollout_path, self.tokenizer, self.eos_ids,
                                      self.tokenizer.pad_token_id, self.world_size,
-                                     engines.hybrid_engine_enabled(generator))
+                                     engines.hybrid_engine_enabled(generator), args.compile_generation)
         self.sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                        top_p=args.top_p, top_k=args.top_k,
                                        n_samples_per_prompt=args.num_generations)

@@ -69,3 +69,17 @@ def test_fast_path_is_used_only_after_it_matches_the_reference(fast_token, expec
     assert rollout.name == expected
     assert int(batch.input_ids[0, -1]) == (fast_token if expected == "fast" else 7)
     assert ("disagrees" in caplog.text) == (expected == "reference")
+
+
+@pytest.mark.multirank
+def test_compiled_decoding_equals_eager(tmp_path):
+    launch(["tests/distributed/compiled_generation.py", "--out", str(tmp_path)], ranks=1)
+    (report,) = read_reports(tmp_path, ranks=1)
+    assert report["path"] == "gather_once+compiled"
+    for batch in report["batches"]:
+        assert batch["equal"], batch
+    assert len(set(report["batches"][0]["lengths"])) > 1  # rows stopped at EOS at different steps
+    first, _, same_size = report["batches"]
+    assert first["new_graphs"] > 0  # the first rollout compiles ...
+    assert first["width"] != same_size["width"] and same_size["new_graphs"] == 0  # ... other prompts reuse it
+    assert report["trained"] == report["trained"]  # sampling through it trains (a finite loss)
