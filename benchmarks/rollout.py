@@ -1,100 +1,138 @@
-"""Generation throughput of each rollout path on the same prompts and weights, side by side in one command.
+"""Generation throughput of each rollout path against plain `generate` on an unpartitioned copy of the same model,
+in the same processes, on the same prompts, with the mechanism counted (ZeRO-3 hook fetches, all-gathers).
 
-    deepspeed --num_gpus 2 benchmarks/rollout.py                   # CPU: the shipped tiny Llama on 2 ZeRO-3 ranks
-    deepspeed --num_gpus 1 benchmarks/rollout.py --model llama-1b  # GPU: ~1.1B Llama from a config, + hybrid engine
+    deepspeed --num_gpus 1 benchmarks/rollout.py --prompts 16       # CPU, 1 rank: the 6 M Qwen2 of benchmarks/step.py
+    deepspeed --num_gpus 2 benchmarks/rollout.py --prompts 8        # CPU, 2 ZeRO-3 ranks: the same global batch
+    deepspeed --num_gpus 1 benchmarks/rollout.py --model llama-1b   # GPU: ~1.1B Llama from a config, + hybrid engine
 
-Every path decodes exactly --new_tokens tokens per prompt (no EOS can stop it), so tokens/s is decoding speed
-at a known length; the greedy tokens of each path are compared with gather-once's. Ratios are against gather-once,
-run in the same processes. With one rank ZeRO-3 partitions nothing, so per-layer equals gather-once there.
+Every path decodes exactly --new_tokens tokens per prompt (no EOS can stop it), so tokens/s is decoding speed at a
+known length; greedy tokens of each path are compared with plain generate's. Paths run interleaved, best of
+--repeats; a warm-up call per path first (compilation included there, reported separately).
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sdft_ds import SDFTConfig, SDFTTrainer
+from sdft_ds import SDFTConfig, SDFTTrainer, engines
 from sdft_ds.assets import DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
 from sdft_ds.config import DS_CONFIG_DIR
 from sdft_ds.data import left_pad
-from sdft_ds.rollout import HFGenerateRollout, HybridEngineGenerate, hybrid_engine_blocker, split_completions
+from sdft_ds.rollout import HFGenerateRollout, HybridEngineGenerate, generation_config, hybrid_engine_blocker
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="tiny-llama", choices=["tiny-llama", "llama-1b"])
-parser.add_argument("--prompts", type=int, default=16)
-parser.add_argument("--new_tokens", type=int, default=128)
+parser.add_argument("--model", default="qwen2-6m", choices=["qwen2-6m", "tiny-llama", "llama-1b"])
+parser.add_argument("--prompts", type=int, default=8)
+parser.add_argument("--new_tokens", type=int, default=64)
 parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 cli = parser.parse_args()
 
+counts: collections.Counter = collections.Counter()
+for owner, name in ((PartitionedParameterCoordinator, "fetch_sub_module"), (dist, "all_gather_into_tensor")):
+    def counted(*a, _original=getattr(owner, name), _name=name, **k):
+        counts[_name] += 1
+        return _original(*a, **k)
+    setattr(owner, name, counted)
+  # before DeepSpeed's communication backend keeps its own references
+
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 cuda = torch.cuda.is_available()
-if cli.model == "llama-1b":
+dtype = torch.bfloat16 if cuda else torch.float32
+if cli.model == "tiny-llama":
+    config = AutoConfig.from_pretrained(model_dir("tiny-llama"))
+elif cli.model == "qwen2-6m":  # the `small` model of benchmarks/step.py
+    config = AutoConfig.for_model("qwen2", vocab_size=8192, hidden_size=256, num_hidden_layers=4,
+                                  intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=True, max_position_embeddings=1024)
+else:
     config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=2048, intermediate_size=5504,
                                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                                   max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-else:
-    model = AutoModelForCausalLM.from_pretrained(model_dir("tiny-llama"))
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+plain = AutoModelForCausalLM.from_config(config, dtype=dtype)  # the unpartitioned baseline, same weights
+plain.load_state_dict(model.state_dict())
+plain.eval()
 ds_config = "zero3_offload_hybrid_engine.json" if cuda else "zero3_offload.json"
 args = SDFTConfig(output_dir="/tmp/sdft-rollout-bench", max_steps=1, bf16=cuda, teacher_mode="live",
                   max_completion_length=cli.new_tokens, deepspeed=str(DS_CONFIG_DIR / ds_config))
 trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=str(DEMO_TRAIN_CHAT))
-engine, pad = trainer.student, tokenizer.pad_token_id
-rows = [trainer.prompts.prompt_ids[i] for i in range(cli.prompts)]
-ids, mask = left_pad(rows, pad)
-device = torch.device("cuda") if cuda else torch.device("cpu")
+engine, pad, device = trainer.student, tokenizer.pad_token_id, engines.device()
+plain.to(device)
+ids, mask = left_pad([trainer.prompts.prompt_ids[i] for i in range(cli.prompts)], pad)
 request = RolloutRequest(ids.to(device), mask.to(device))
 sampling = SamplingConfig(max_new_tokens=cli.new_tokens)
-never = [model.config.vocab_size]  # an end-of-sequence id no model can emit: every path decodes new_tokens
+never = [config.vocab_size]  # an end-of-sequence id no model can emit: every path decodes new_tokens
 
-paths = {"gather_once": HFGenerateRollout(engine, never, pad, True, trainer.world_size),
+
+class PlainGenerate:
+    """HF generate on the unpartitioned copy, with torch's own F.linear (zero.Init replaced it process-wide)."""
+
+    name = "plain"
+
+    def generate(self, request, sampling, greedy=True):
+        with torch.no_grad(), engines.torch_linear():
+            return plain.generate(input_ids=request.prompt_ids, attention_mask=request.prompt_attention_mask,
+                                  generation_config=generation_config(sampling, never, pad, greedy))
+
+
+paths = {"plain": PlainGenerate(),
+         "gather_once": HFGenerateRollout(engine, never, pad, True, trainer.world_size),
+         "gather_once+compiled": HFGenerateRollout(engine, never, pad, True, trainer.world_size, compiled=True),
          "per_layer": HFGenerateRollout(engine, never, pad, False, trainer.world_size)}
-blocker = hybrid_engine_blocker(model.config, cuda, cuda)
+blocker = hybrid_engine_blocker(config, cuda, cuda)
 if blocker is None:
     paths["hybrid_engine"] = HybridEngineGenerate(engine, tokenizer, never, pad)
 
 
-def sync():
+def timed(rollout):
     if cuda:
         torch.cuda.synchronize()
+    dist.barrier()  # every rank starts the path together
+    counts.clear()
+    start = time.perf_counter()
+    output = rollout.generate(request, sampling, greedy=True)
+    output = getattr(output, "input_ids", output)  # a RolloutBatch, or plain generate's tensor
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, output, dict(counts)
 
 
-results, tokens = {}, {}
-for name, rollout in paths.items():
-    rollout.generate(request, sampling, greedy=True)  # warm-up (kernels, containers)
-    times = []
-    for _ in range(cli.repeats):
-        sync()
-        start = time.perf_counter()
-        batch = rollout.generate(request, sampling, greedy=True)
-        sync()
-        times.append(time.perf_counter() - start)
-    completions = split_completions(batch, never, pad)
-    tokens[name] = completions.ids
-    results[name] = {"seconds": min(times), "tokens": int(completions.lengths.sum()),
-                     "tokens_per_second": int(completions.lengths.sum()) / min(times)}
+warmup = {name: timed(rollout)[0] for name, rollout in paths.items()}
+best, outputs, mechanism = {}, {}, {}
+for _ in range(cli.repeats):
+    for name, rollout in paths.items():
+        seconds, outputs[name], mechanism[name] = timed(rollout)
+        best[name] = min(best.get(name, float("inf")), seconds)
 
-base = results["gather_once"]["tokens_per_second"]
 if trainer.rank != 0:
     sys.exit(0)
+tokens = cli.prompts * cli.new_tokens
 device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-print(f"# rollout throughput: {cli.model}, {cli.prompts} prompts x {cli.new_tokens} new tokens per rank, greedy, "
-      f"ZeRO-3, {trainer.world_size} rank(s), {device_name}")
+print(f"# rollout throughput: {cli.model} ({sum(p.numel() for p in plain.parameters()):,} parameters), "
+      f"{cli.prompts} prompts x {cli.new_tokens} new tokens per rank, greedy, ZeRO-3 ({ds_config}), "
+      f"{trainer.world_size} rank(s), {device_name}")
 if blocker:
     print(f"# hybrid engine not run: {blocker}")
-print("| path | tokens per rank | best of %d (s) | tokens/s per rank | vs gather-once | greedy tokens = gather-once |"
-      % cli.repeats)
-print("| --- | ---: | ---: | ---: | ---: | --- |")
-for name, r in results.items():
-    width = min(tokens[name].shape[1], tokens["gather_once"].shape[1])
-    same = torch.equal(tokens[name][:, :width], tokens["gather_once"][:, :width])
-    print(f"| {name} | {r['tokens']} | {r['seconds']:.3f} | {r['tokens_per_second']:.1f} | "
-          f"{r['tokens_per_second'] / base:.2f}x | {same} |")
+print(f"| path | best of {cli.repeats} (s) | tokens/s per rank | vs plain generate | first call (s) | "
+      "hook fetches | all-gathers | greedy tokens = plain |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+results = {}
+for name in paths:
+    same = torch.equal(outputs[name][:, -cli.new_tokens:].cpu(), outputs["plain"][:, -cli.new_tokens:].cpu())
+    rate = tokens / best[name]
+    results[name] = dict(seconds=best[name], tokens_per_second=rate, first_call=warmup[name], same_tokens=same,
+                         **mechanism[name])
+    print(f"| {name} | {best[name]:.3f} | {rate:.1f} | {rate * best['plain'] / tokens:.2f}x | {warmup[name]:.2f} | "
+          f"{mechanism[name].get('fetch_sub_module', 0)} | {mechanism[name].get('all_gather_into_tensor', 0)} | {same} |")
 print(json.dumps(results))

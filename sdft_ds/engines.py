@@ -343,7 +343,7 @@ def _hooks_suspended(offload):
 
 
 @contextlib.contextmanager
-def _plain_linear():
+def torch_linear():
     """torch's own F.linear for the block. zero.Init's replacement (memory_efficient_linear) only pays off when
     autograd would keep gathered weights alive until backward; without autograd it is a Python
     autograd.Function per matmul, measured ~3x slower for decode-sized matmuls on CPU."""
@@ -369,7 +369,7 @@ def whole_model(engine):
         yield
         return
     with torch.no_grad(), gathered(list(engine.module.parameters())), _hooks_suspended(_zero3_offload(engine)), \
-            _plain_linear():
+            torch_linear():
         yield
 
 
