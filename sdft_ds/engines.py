@@ -7,6 +7,7 @@ touches one file.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -77,9 +78,15 @@ def barrier() -> None:
     dist.barrier()
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+def side_group(timeout_s: float):
+    """A CPU (gloo) group of all ranks whose collectives fail after `timeout_s` instead of waiting for ever, for
+    decisions that must still be exchanged when some ranks may be stuck elsewhere. Every rank must call it."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def all_reduce_min(value: torch.Tensor) -> torch.Tensor:

@@ -191,11 +191,18 @@ class HybridEngineGenerate(RolloutEngine):
 
 class ValidatedRollout(RolloutEngine):
     """Trusts a fast path only after its greedy tokens equal the reference path's on the first real prompts;
-    otherwise warns and uses the reference for the rest of the run. All ranks decide together."""
+    otherwise warns and uses the reference for the rest of the run. All ranks decide together.
 
-    def __init__(self, fast: RolloutEngine, reference: RolloutEngine):
+    A fast path that raises on some ranks only may leave the others inside one of its collectives, where no
+    verdict can reach them. The verdict therefore travels on a group of its own with a timeout: a rank that
+    failed waits at most `timeout_s` for the others, then stops the run with an error (the launcher then ends the
+    ranks still waiting) instead of hanging."""
+
+    def __init__(self, fast: RolloutEngine, reference: RolloutEngine, timeout_s: float = 300.0):
         self.fast, self.reference, self.checked = fast, reference, False
         self.name = fast.name
+        self.timeout_s = timeout_s
+        self.verdicts = engines.side_group(timeout_s)  # collective: every rank builds it here
 
     def _agrees(self, request: RolloutRequest, sampling: SamplingConfig) -> bool:
         probe = SamplingConfig(max_new_tokens=min(VALIDATION_TOKENS, sampling.max_new_tokens))
@@ -207,7 +214,13 @@ class ValidatedRollout(RolloutEngine):
         except Exception as error:  # a broken kernel path must cost speed, never the run
             logger.warning("%s generation failed during validation: %r", self.fast.name, error)
             agree = False
-        disagreements = engines.all_reduce_sum(torch.tensor([0.0 if agree else 1.0], device=engines.device()))
+        try:
+            disagreements = engines.all_reduce_sum(torch.tensor([0.0 if agree else 1.0]), group=self.verdicts)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{self.fast.name} generation failed on some ranks and the others did not reach the verdict within "
+                f"{self.timeout_s:.0f} s (they are most likely waiting in one of its collectives). Set "
+                "rollout_path='gather_once' to skip it.") from error
         return float(disagreements) == 0.0
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:

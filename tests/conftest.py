@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _remove_shm(port: int) -> None:
+def remove_shm(port: int) -> None:
     # The deepspeed launcher leaves 66 MB shared-memory buffers per rank, named after the port.
     for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         f.unlink(missing_ok=True)
@@ -39,7 +39,7 @@ def launch(command: list[str], timeout: int = 900, env: dict | None = None, rank
         done = subprocess.run(full, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
     finally:
-        _remove_shm(port)
+        remove_shm(port)
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
                     f"--- stderr\n{done.stderr[-8000:]}")

@@ -1,12 +1,16 @@
 """Generation paths on CPU: gather-once and per-layer agree (greedy) across 2 ZeRO-3 ranks that stop at
 different lengths, leave the engine in training mode with nothing gathered, and the choice is explained."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 from transformers import AutoConfig
 
-from conftest import launch, read_reports
+from conftest import REPO, free_port, launch, read_reports, remove_shm
 from sdft_ds import engines
 from sdft_ds.rollout import ValidatedRollout, hybrid_engine_blocker
 
@@ -69,6 +73,26 @@ def test_fast_path_is_used_only_after_it_matches_the_reference(fast_token, expec
     assert rollout.name == expected
     assert int(batch.input_ids[0, -1]) == (fast_token if expected == "fast" else 7)
     assert ("disagrees" in caplog.text) == (expected == "reference")
+
+
+@pytest.mark.multirank
+def test_a_fast_path_failing_on_every_rank_falls_back_together(tmp_path):
+    launch(["tests/distributed/validation_fault.py", "--fail-on", "all", "--out", str(tmp_path)])
+    assert [r["path"] for r in read_reports(tmp_path)] == ["reference", "reference"]
+
+
+@pytest.mark.multirank
+def test_a_fast_path_failing_on_one_rank_stops_the_run_instead_of_hanging(tmp_path):
+    port = free_port()
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(port), "tests/distributed/validation_fault.py", "--fail-on", "one", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    remove_shm(port)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 200  # the 10 s verdict timeout, not the 30 min of a stuck collective
+    assert "did not reach the verdict" in done.stdout + done.stderr
+    assert not list(tmp_path.glob("report-rank*.json"))
 
 
 @pytest.mark.multirank
