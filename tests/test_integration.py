@@ -90,3 +90,20 @@ def test_metrics_reach_weights_and_biases_from_rank_zero_only(frozen_dir, frozen
     last = frozen_run[0]["metrics"]
     for name in ("loss", "divergence", "entropy", "completion_length", "learning_rate", "teacher_syncs"):
         assert history[-1][f"train/{name}"] == pytest.approx(last[name], rel=1e-12), name
+
+
+def test_every_phase_is_on_the_clock(frozen_dir, frozen_run):
+    """Per-step seconds of each phase reach the console metrics and W&B; together they make up the step."""
+    from sdft_ds.tracking import PHASES
+
+    metrics = frozen_run[0]["metrics"]
+    phases = {name: metrics[f"time/{name}"] for name in PHASES}
+    for name in ("generation", "teacher_forward", "student_forward", "backward", "optimizer_step"):
+        assert phases[name] > 0, name
+    assert phases["checkpoint"] == 0  # this run saves no checkpoint
+    assert sum(phases.values()) <= metrics["step_time"] * 1.001
+    assert sum(phases.values()) >= 0.8 * metrics["step_time"]  # nothing big happens outside the named phases
+    # tokens/s counts prompt and completion tokens of both ranks: more than the completions alone
+    assert metrics["tokens_per_second"] * metrics["step_time"] > 2 * 4 * metrics["completion_length"]
+    history = wandb_history(next((frozen_dir / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert history[-1]["time/generation"] == pytest.approx(phases["generation"], rel=1e-12)
