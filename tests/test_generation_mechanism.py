@@ -30,6 +30,10 @@ def test_gather_once_fetches_nothing_while_decoding(reports):
                 "fetch_sub_module"] > 0
 
 
+def test_an_exception_during_a_rollout_restores_hooks_and_partitions(reports):
+    assert all(report["restored_after_exception"] for report in reports)
+
+
 def test_training_steps_keep_their_trace_and_gather_the_same(reports):
     for report in reports:
         assert report["rollout"] == "gather_once"

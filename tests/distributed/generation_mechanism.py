@@ -16,7 +16,7 @@ from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from transformers import AutoTokenizer
 
-from sdft_ds import SDFTConfig, SDFTTrainer
+from sdft_ds import SDFTConfig, SDFTTrainer, engines
 from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
 from sdft_ds.data import left_pad
 from sdft_ds.rollout import HFGenerateRollout
@@ -69,6 +69,19 @@ for engine_name, engine in (("student", trainer.student), ("teacher", trainer.te
         for new_tokens in (4, 16):
             report[f"{engine_name}_{rollout.name}_{new_tokens}"] = counted(
                 lambda: rollout.generate(request, SamplingConfig(max_new_tokens=new_tokens), greedy=True))
+
+# An exception inside the rollout: hooks back in their places, parameters re-partitioned, F.linear restored.
+hooks_before = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in trainer.student.module.modules()]
+linear_before = torch.nn.functional.linear
+try:
+    with engines.whole_model(trainer.student):
+        raise KeyboardInterrupt
+except KeyboardInterrupt:
+    pass
+report["restored_after_exception"] = (
+    hooks_before == [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in trainer.student.module.modules()]
+    and torch.nn.functional.linear is linear_before
+    and all(p.data.numel() == 0 for p in trainer.student.module.parameters() if hasattr(p, "ds_id") and not p.ds_persist))
 
 in_generation: list[dict] = []
 generate = trainer.rollout.generate
