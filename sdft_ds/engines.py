@@ -369,8 +369,8 @@ def torch_linear():
 
 @contextlib.contextmanager
 def whole_model(engine):
-    """The engine's model as a plain module for inference: every ZeRO-3 parameter gathered once (one collective
-    for all of them), ZeRO-3's hooks suspended, so running it fetches nothing and records nothing; re-partitioned
+    """The engine's model as a plain module for inference: every ZeRO-3 parameter gathered once on entry (an
+    all-gather per partitioned parameter, none while decoding), ZeRO-3's hooks suspended, so running it fetches nothing and records nothing; re-partitioned
     and hooks restored on exit, exceptions included. A model that ZeRO does not partition is used as it is."""
     if not partitioned(engine):
         yield
