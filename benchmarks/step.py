@@ -21,7 +21,6 @@ RSS (ru_maxrss), on CUDA torch.cuda.max_memory_allocated (the mem/ ratios use it
 """
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -246,13 +245,10 @@ def run_sdft(spec, timer, rows, tokenizer):
     trainer = SDFTTrainer(model=spec["ckpt"], ref_model=spec["ckpt"], args=args, processing_class=tokenizer,
                           train_dataset=dataset)
     for _ in range(args.max_steps):
-        # Completion length = trained tokens - this step's prompt tokens, peeked from a copy of the prompt sampler.
-        picked = copy.deepcopy(trainer.sampler).next_round()
-        prompt_tokens = sum(len(trainer.prompts.prompt_ids[i]) for i in picked)
         timer.begin()
         phases = trainer.train_step()
         timer.seconds = {k: phases.get(k, 0.0) for k in PHASES}  # teacher_sync and checkpoint land in "other"
-        timer.end(phases["tokens"], (phases["tokens"] - prompt_tokens) / len(picked))
+        timer.end(phases["tokens"], phases["completion_tokens"] / phases["completions"])
         timer.records[-1]["reported_step"] = phases["step"]  # train_step's own total, next to the wall clock
     return None
 

@@ -249,10 +249,11 @@ class SDFTTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step, the recipe of SDFT: rollout (when no generated batch is left) → per micro-batch
         teacher forward → student forward with the fused divergence → backward → optimizer step; then the teacher
-        sync. Returns this rank's seconds per phase (`PHASES`), `step` (their wall-clock total) and `tokens`
-        (prompt + completion tokens trained, padding excluded); the loss metrics go to `self.window`."""
+        sync. Returns this rank's seconds per phase (`PHASES`), `step` (their wall-clock total), `tokens` (prompt
+        + completion tokens trained, padding excluded), `completion_tokens` and `completions`; the loss metrics go
+        to `self.window`."""
         args = self.args
-        tokens = 0.0
+        tokens = completion_tokens = completions = 0.0
         with PhaseClock(engines.synchronize) as clock:
             if not self.queue:
                 with clock("generation"):
@@ -270,10 +271,12 @@ class SDFTTrainer:
                     self.student.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
                 self.window.add(batch, out, args.distillation_is_clip)
                 tokens += float(batch.attention_mask.sum())
+                completion_tokens += float(batch.completion_mask.sum())
+                completions += batch.completion_ids.shape[0]
             self.step += 1
             with clock("teacher_sync"):
                 self._sync_teacher()
-        return {**clock.seconds, "tokens": tokens}
+        return {**clock.seconds, "tokens": tokens, "completion_tokens": completion_tokens, "completions": completions}
 
     def _generate_round(self) -> list[MicroBatch]:
         """Sample completions for one round of prompts and cut them into micro-batches (× num_iterations)."""
@@ -525,9 +528,9 @@ class StepStats:
         self.maxs[name] = max(self.maxs[name], float(values.max()))
 
     def add_step(self, seconds: dict[str, float], steps: int = 1) -> None:
-        """A step's (or a checkpoint's) phase seconds, total seconds and tokens, from `PhaseClock`."""
-        for name, value in seconds.items():
-            self.sums[name] += value
+        """A step's (or a checkpoint's) phase seconds, total seconds and tokens, from `train_step`/`PhaseClock`."""
+        for name in ("step", "tokens", *PHASES):
+            self.sums[name] += seconds.get(name, 0.0)
         self.sums["steps"] += steps
 
     def add(self, batch: MicroBatch, out: DivergenceOutput, is_clip: float | None) -> None:
