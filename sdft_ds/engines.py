@@ -382,9 +382,10 @@ def whole_model(engine):
 
 @contextlib.contextmanager
 def hooked_inference(engine):
-    """Inference through ZeRO-3's hooks (per-layer gathers). Every forward of it is recorded as a step of the
-    parameter coordinator's trace, which then no longer describes training: forget it afterwards, so the next
-    training forward records afresh instead of replaying and invalidating a decoding trace."""
+    """Inference through ZeRO-3's hooks (per-layer gathers). Each decoding forward is a step for the parameter
+    coordinator: it either records a forward-only trace (when the coordinator is recording) or replays the prefix
+    of the training trace and prefetches past it. Forget the trace afterwards, so the next training step records
+    its own (measured: one recording step after each per-layer rollout) instead of replaying a decoding trace."""
     try:
         yield
     finally:
