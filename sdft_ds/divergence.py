@@ -1,6 +1,7 @@
 """Student–teacher divergences of SDFT (SPEC §2), dense and fused-chunked.
 
-Per completion token: s = h_S·W_Sᵀ/τ, u = h_T·W_Tᵀ/τ, S = softmax(s), T = softmax(u).
+Per completion token: s = f_S(h_S·W_Sᵀ)/τ, u = f_T(h_T·W_Tᵀ)/τ, S = softmax(s), T = softmax(u), where f is the
+model's own transform of its output layer (`LogitTransform`: identity for most models).
 The α family: α = 0 is KL(T‖S), α = 1 is KL(S‖T), 0 < α < 1 the generalised JSD
 α·KL(T‖M) + (1−α)·KL(S‖M) with M = (1−α)S + αT. JSD_α → 0 as α → 0 or α → 1, so the family is
 discontinuous at both end points; that is intended (TRL's convention), not a bug. No τ² factor.
@@ -24,6 +25,26 @@ import torch.distributed as dist
 from torch import Tensor
 
 MODES = ("full", "topk", "sampled_token")
+
+
+class LogitTransform(NamedTuple):
+    """What an output layer does after x = h·Wᵀ: logits = cap·tanh(scale·x/cap), or scale·x without a cap.
+    Gemma 2/3 cap (`final_logit_softcapping`), Cohere scales (`logit_scale`), Granite divides (`logits_scaling`)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x if self.softcap is None else torch.tanh(x / self.softcap) * self.softcap
+
+    def slope(self, y: Tensor) -> Tensor:
+        """∂logits/∂x from the transformed logits y (softcap only: otherwise the constant `scale`)."""
+        return (1 - (y / self.softcap).square()) * self.scale
+
+
+IDENTITY = LogitTransform()
 
 
 class DivergenceOutput(NamedTuple):
@@ -146,35 +167,48 @@ def dense_divergence(
 
 
 class _Softmax(NamedTuple):
-    """Max m, Σ e^{x−m} and Σ e^{x−m}·f (one column per extra tensor f) of logits x."""
+    """Max m, Σ e^{x−m} and Σ e^{x−m}·(x−m) of logits x: the log-sum-exp and the entropy. The moment is taken about
+    the running max, so its terms share a sign and nothing cancels; taken about 0 it is of size |x| ≈ 30 and the
+    entropy, a difference of two such numbers, loses ~1e-7·|x| in fp32."""
 
     m: Tensor  # [n]
     d: Tensor  # [n]
-    w: Tensor  # [n, j]
+    w: Tensor  # [n]
 
     @classmethod
-    def empty(cls, n: int, j: int, like: Tensor) -> _Softmax:
-        return cls(like.new_full((n,), -math.inf), like.new_zeros(n), like.new_zeros(n, j))
+    def empty(cls, n: int, like: Tensor) -> _Softmax:
+        return cls(like.new_full((n,), -math.inf), like.new_zeros(n), like.new_zeros(n))
 
     @classmethod
-    def of(cls, x: Tensor, *f: Tensor) -> _Softmax:
+    def of(cls, x: Tensor, moment: bool = True) -> _Softmax:
         m = x.amax(-1)
-        e = (x - m[:, None]).exp_()
-        w = [torch.bmm(e[:, None, :], fi[:, :, None])[:, 0] for fi in f]  # Σ e·f without an [n, c] product
-        return cls(m, e.sum(-1), torch.cat(w, -1) if w else x.new_zeros(len(x), 0))
+        z = x - m[:, None]
+        e = z.exp()
+        w = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0] if moment else x.new_zeros(len(x))
+        return cls(m, e.sum(-1), w)
 
     def merge(self, other: _Softmax) -> _Softmax:
         m = torch.maximum(self.m, other.m)
         ref = torch.where(torch.isinf(m), 0, m)  # two empty sides stay empty instead of NaN
-        a, b = torch.exp(self.m - ref), torch.exp(other.m - ref)
-        return _Softmax(m, self.d * a + other.d * b, self.w * a[:, None] + other.w * b[:, None])
+
+        def moved(side: _Softmax) -> tuple[Tensor, Tensor]:  # (Σ e^{x−m}, Σ e^{x−m}·(x−m)) about the new max
+            scale = torch.exp(side.m - ref)
+            return side.d * scale, torch.where(side.d > 0, side.w + (side.m - ref) * side.d, 0) * scale
+
+        (d1, w1), (d2, w2) = moved(self), moved(other)
+        return _Softmax(m, d1 + d2, w1 + w2)
 
     def lse(self) -> Tensor:
         return self.m + torch.log(self.d)
 
-    def mean(self) -> Tensor:
-        """[n, j]: Σ softmax(x)·f."""
-        return self.w / self.d[:, None]
+    def log_probs(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """log softmax of a tile, as (x − m) − log d: x − m is exact near the max, where x − lse would round
+        to the ulp of |x| (measured 5× the dense path's gradient error for logits near 30)."""
+        x = x.sub_(self.m[:, None]) if inplace else x - self.m[:, None]
+        return x.sub_(torch.log(self.d)[:, None])
+
+    def entropy(self) -> Tensor:
+        return torch.log(self.d) - self.w / self.d
 
 
 class _TopK(NamedTuple):
@@ -201,12 +235,24 @@ class _TopK(NamedTuple):
 # The base every divergence uses: projection, chunking, cross-rank merges, gradient accumulation
 
 
+def _rounded(a: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | float]:
+    """(a in a GEMM's dtype, the factor it was multiplied by). fp16 first takes a power of two (exact) that brings
+    its peak to 1/4: ∂L/∂s is per-token weight × probability gap, ~1e-7, below fp16's normals (bf16 has fp32's
+    range); the fp32 product is divided by it again."""
+    if dtype != torch.float16:
+        return a.to(dtype), 1.0
+    peak = a.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    factor = torch.exp2(-2 - torch.floor(torch.log2(peak)))
+    return (a * factor).to(dtype), factor
+
+
 def _addmm_(acc: Tensor, a: Tensor, b: Tensor, scale: float) -> None:
-    """acc += scale·a@b, the product in b's dtype (bf16 GEMMs stay bf16), the sum in acc's."""
+    """acc += scale·a@b, the product in b's dtype (16-bit GEMMs stay 16-bit), the sum in acc's."""
     if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=scale)
     else:
-        acc.add_(a.to(b.dtype) @ b, alpha=scale)
+        a, factor = _rounded(a, b.dtype)
+        acc.add_((a @ b).to(acc.dtype).div_(factor), alpha=scale)
 
 
 class _Shard(NamedTuple):
@@ -245,28 +291,38 @@ def _all_gather(t: Tensor, group) -> list[Tensor]:
 
 class _Tiles:
     """One token chunk against this rank's vocabulary rows: logit tiles, logits at given ids, and
-    accumulation of G = ∂L/∂s into the student's gradients (÷τ, chained through the output layer)."""
+    accumulation of G = ∂L/∂s into the student's gradients (÷τ and the transform's slope, chained through the
+    output layer)."""
 
-    def __init__(self, h_s, w_s, h_t, w_t, grad_h, grad_w, *, temperature, vocab_chunk, shard, dtype):
+    def __init__(self, h_s, w_s, h_t, w_t, grad_h, grad_w, *, heads, temperature, vocab_chunk, shard, dtype):
         self.h_s, self.w_s, self.h_t, self.w_t = h_s, w_s, h_t, w_t
         self.grad_h, self.grad_w = grad_h, grad_w  # views into the accumulators, or None
+        self.heads = heads  # (student, teacher) LogitTransform
         self.tau, self.chunk, self.shard, self.dtype = temperature, vocab_chunk, shard, dtype
         self.kept = [None, None]  # student, teacher tile when a single tile covers the slice
+        self.slope = None  # ∂s/∂x of the last pass's current student tile, for a softcapped head
 
     @property
     def wants_grad(self) -> bool:
         return self.grad_h is not None or self.grad_w is not None
 
+    @property
+    def gain(self) -> float:
+        """The constant factor of ∂s/∂x: 1/τ, times the head's scale unless it is in the softcap's slope."""
+        head = self.heads[0]
+        return (1.0 if head.softcap is not None else head.scale) / self.tau
+
     def _logits(self, teacher: bool, c: slice) -> Tensor:
         """A logit tile. When one tile spans the whole slice it is kept for the later passes instead
         of recomputed (Liger's token-only layout: vocab_chunk >= the slice's rows)."""
         h, w = (self.h_t, self.w_t) if teacher else (self.h_s, self.w_s)
+        head = self.heads[teacher]
         if self.kept[teacher] is not None:
             return self.kept[teacher]
-        if h.dtype == self.dtype:  # 1/τ in the GEMM epilogue
-            x = torch.addmm(h.new_zeros(()), h, w[c].T, beta=0, alpha=1 / self.tau)
-        else:  # a bf16 product rounded once (as a bf16 lm_head's), then scaled in fp32
-            x = (h @ w[c].T).to(self.dtype).div_(self.tau)
+        if h.dtype == self.dtype and head.softcap is None:  # scale and 1/τ in the GEMM epilogue
+            x = torch.addmm(h.new_zeros(()), h, w[c].T, beta=0, alpha=head.scale / self.tau)
+        else:  # a 16-bit product rounded once (as a 16-bit lm_head's), then transformed in fp32
+            x = head((h @ w[c].T).to(self.dtype)).div_(self.tau)
         if w.shape[0] <= self.chunk:
             self.kept[teacher] = x
         return x
@@ -279,13 +335,17 @@ class _Tiles:
             s, u = self._logits(False, c), self._logits(True, c) if teacher else None
             if last:
                 self.kept = [None, None]
+                if self.heads[0].softcap is not None:  # before the caller overwrites s
+                    self.slope = self.heads[0].slope(s * self.tau)
             yield c, s, u
 
     def accumulate(self, c: slice, g: Tensor) -> None:
+        if self.slope is not None:
+            g = g * self.slope
         if self.grad_h is not None:
-            _addmm_(self.grad_h, g, self.w_s[c], 1 / self.tau)
+            _addmm_(self.grad_h, g, self.w_s[c], self.gain)
         if self.grad_w is not None:
-            _addmm_(self.grad_w[c], g.T, self.h_s, 1 / self.tau)
+            _addmm_(self.grad_w[c], g.T, self.h_s, self.gain)
 
     def _rows(self, w: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         local = ids - self.shard.offset
@@ -297,31 +357,35 @@ class _Tiles:
         """[n, k] logits at global vocabulary ids, from the rows of W (never a full logit row)."""
         h, w = (self.h_t, self.w_t) if teacher else (self.h_s, self.w_s)
         rows, _, own = self._rows(w, ids)
-        x = torch.bmm(rows, h[:, :, None])[..., 0].to(self.dtype) / self.tau
-        return self.shard.sum(torch.where(own, x, 0))
+        x = torch.bmm(rows, h[:, :, None])[..., 0].to(self.dtype)
+        return self.heads[teacher](self.shard.sum(torch.where(own, x, 0))) / self.tau
 
-    def accumulate_at(self, ids: Tensor, g: Tensor) -> None:
-        """Accumulate G given only at the global ids [n, k] (the owning rank takes each)."""
+    def accumulate_at(self, ids: Tensor, g: Tensor, s: Tensor) -> None:
+        """Accumulate G given only at the global ids [n, k], where the student's logits are s (the owning rank
+        takes each)."""
         rows, local, own = self._rows(self.w_s, ids)
-        g = torch.where(own, g, 0) / self.tau
+        if self.heads[0].softcap is not None:
+            g = g * self.heads[0].slope(s * self.tau)
+        g = torch.where(own, g, 0) * self.gain
         if self.grad_h is not None:
-            self.grad_h.add_(torch.bmm(g[:, None, :].to(rows.dtype), rows)[:, 0])
+            g16, factor = _rounded(g, rows.dtype)
+            self.grad_h.add_(torch.bmm(g16[:, None, :], rows)[:, 0].to(self.grad_h.dtype).div_(factor))
         if self.grad_w is not None:
             token = own.nonzero()[:, 0]
             self.grad_w.index_add_(0, local[own], (g[own][:, None] * self.h_s[token]).to(self.grad_w.dtype))
 
-    def stream(self, teacher: bool, top_k: int | None, alpha: float | None):
-        """Pass 1, merged over ranks: student (m, d, Σe·s[, Σe·u if alpha = 1]), teacher (m, d[, Σe·u,
-        Σe·s if alpha = 0]) and top-k candidates. The moments give the entropy and both KLs."""
+    def stream(self, teacher: bool, top_k: int | None):
+        """Pass 1, merged over ranks: the student's (m, d, entropy moment), the teacher's (m, d) and the student's
+        top-k candidates."""
         n = len(self.h_s)
         like = self.h_s.new_empty(0, dtype=self.dtype)
-        student = _Softmax.empty(n, 1 + (alpha == 1), like)
-        teach = _Softmax.empty(n, 2 * (alpha == 0), like) if teacher else None
+        student = _Softmax.empty(n, like)
+        teach = _Softmax.empty(n, like) if teacher else None
         cands = _TopK.empty(n, top_k, like) if top_k else None
         for c, s, u in self.tiles(teacher):
-            student = student.merge(_Softmax.of(s, s, u) if alpha == 1 else _Softmax.of(s, s))
+            student = student.merge(_Softmax.of(s))
             if teacher:
-                teach = teach.merge(_Softmax.of(u, u, s) if alpha == 0 else _Softmax.of(u))
+                teach = teach.merge(_Softmax.of(u, moment=False))
             if top_k:
                 cands = cands.merge(_TopK.of(s, top_k, self.shard.offset + c.start))
         return self.shard.fold(student), self.shard.fold(teach), self.shard.fold(cands)
@@ -332,32 +396,32 @@ class _Tiles:
 
 
 def _full_divergence(tiles: _Tiles, student: _Softmax, teacher: _Softmax, alpha: float, w: Tensor) -> Tensor:
-    """D over the whole vocabulary. ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass: the KLs come
-    from the streamed moments (Σψ = −1 for α = 0, KL + 1 for α = 1); the JSD takes one more pass.
-    (A KL from moments loses ~1e-7·|logits| to cancellation in fp32: fine for a value; the gradient
-    is computed directly.)"""
-    A, B = student.lse(), teacher.lse()
-    if alpha == 0:
-        moments = teacher.mean()  # Σ T·u, Σ T·s
-        value = moments[:, 0] - moments[:, 1] - B + A
-        psi_sum = torch.full_like(A, -1.0)
-    elif alpha == 1:
-        moments = student.mean()  # Σ S·s, Σ S·u
-        value = moments[:, 0] - moments[:, 1] - A + B
-        psi_sum = value + 1
-    else:
-        value, psi_sum = torch.zeros_like(A), torch.zeros_like(A)
+    """D over the whole vocabulary, from the tiles' log-probs as the dense path computes them (a KL from
+    streamed moments Σ S·s − Σ S·u of size |logits| ≈ 30 loses ~1e-7·|logits| to cancellation in fp32: measured
+    up to 7e-2 relative error in the reverse-KL gradient). ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass;
+    forward KL has Σψ = −1, so its value is summed in the gradient pass, the others take one pass more."""
+    value = torch.zeros_like(student.m)
+    psi_sum = torch.full_like(value, -1.0) if alpha == 0 else torch.zeros_like(value)
+    separate = alpha != 0 or not tiles.wants_grad
+    if separate:
         for _, s, u in tiles.tiles(teacher=True):
-            log_s, log_t = s - A[:, None], u - B[:, None]
+            log_s, log_t = student.log_probs(s), teacher.log_probs(u)
             value += _pointwise(log_s, log_t, alpha).sum(-1)
-            psi_sum += _score(log_s, log_t, alpha).sum(-1)
-        value, psi_sum = tiles.shard.sum(value), tiles.shard.sum(psi_sum)
+            if alpha != 0:
+                psi_sum += _score(log_s, log_t, alpha).sum(-1)
+        value = tiles.shard.sum(value)
+        if alpha != 0:
+            psi_sum = tiles.shard.sum(psi_sum)
     if tiles.wants_grad:
         for c, s, u in tiles.tiles(teacher=True, last=True):
-            log_s, log_t = s.sub_(A[:, None]), u.sub_(B[:, None])
+            log_s, log_t = student.log_probs(s, inplace=True), teacher.log_probs(u, inplace=True)
+            if not separate:
+                value += _pointwise(log_s, log_t, alpha).sum(-1)
             g = _score(log_s, log_t, alpha)
             g -= log_s.exp_().mul_(psi_sum[:, None])  # ψ − S·Σψ
             tiles.accumulate(c, g.mul_(w[:, None]))
+        if not separate:
+            value = tiles.shard.sum(value)
     return value
 
 
@@ -380,7 +444,7 @@ def _support_divergence(tiles: _Tiles, A: Tensor, B: Tensor | None, ids: Tensor,
             return value
         g_k, g_lse = torch.autograd.grad((w * value).sum(), (s_k, lse), allow_unused=True)
     if g_lse is None:
-        tiles.accumulate_at(ids, g_k)
+        tiles.accumulate_at(ids, g_k, s_k.detach())
         return value.detach()
     for c, s, _ in tiles.tiles(teacher=False, last=True):  # both parts in one tile: they nearly cancel at the ids
         g = s.sub_(A[:, None]).exp_().mul_(g_lse[:, None])
@@ -400,6 +464,7 @@ class _Config(NamedTuple):
     token_chunk: int
     vocab_chunk: int
     shard: _Shard
+    heads: tuple[LogitTransform, LogitTransform]  # student, teacher
 
 
 def _importance_ratio(target_logprob: Tensor, rollout_logprobs: Tensor, is_clip: float | None) -> Tensor:
@@ -407,9 +472,13 @@ def _importance_ratio(target_logprob: Tensor, rollout_logprobs: Tensor, is_clip:
     return ratio if is_clip is None else ratio.clamp(max=is_clip)
 
 
+def _accumulator_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, need_h: bool, need_w: bool):
     """Chunked value, metrics and student gradients (fp32 or fp64 accumulators)."""
-    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    dtype = _accumulator_dtype(h_s)
     n = h_s.shape[0]
     grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
     grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None
@@ -420,12 +489,11 @@ def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, n
     teacher_lse = cfg.mode != "topk" or cfg.add_tail
     for r0 in range(0, n, cfg.token_chunk):
         r = slice(r0, r0 + cfg.token_chunk)
-        tiles = _Tiles(h_s[r], w_s, h_t[r], w_t, None if grad_h is None else grad_h[r], grad_w,
+        tiles = _Tiles(h_s[r], w_s, h_t[r], w_t, None if grad_h is None else grad_h[r], grad_w, heads=cfg.heads,
                        temperature=cfg.temperature, vocab_chunk=cfg.vocab_chunk, shard=cfg.shard, dtype=dtype)
-        student, teacher, cands = tiles.stream(teacher_lse, cfg.top_k if cfg.mode == "topk" else None,
-                                               cfg.alpha if cfg.mode == "full" else None)
+        student, teacher, cands = tiles.stream(teacher_lse, cfg.top_k if cfg.mode == "topk" else None)
         A, B = student.lse(), (teacher.lse() if teacher is not None else None)
-        entropy[r] = A - student.mean()[:, 0]
+        entropy[r] = student.entropy()
         w = weights[r]
         if target is not None:
             target_logprob[r] = tiles.logits_at(False, target[r, None])[:, 0] - A
@@ -451,8 +519,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def forward(ctx, h_s, w_s, h_t, w_t, weights, target, rollout, cfg):
         out, grad_h, grad_w = _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg,
                                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.grads = (None if grad_h is None else grad_h.to(h_s.dtype),
-                     None if grad_w is None else grad_w.to(w_s.dtype))
+        # fp16 gradients stay fp32 until backward has applied grad_output (DeepSpeed's loss scale ÷ accumulation
+        # steps): rounded to fp16 first, per-token weights ~1e-4 flush a fifth of grad_W to zero. bf16 has fp32's
+        # range, so it is rounded now and the fp32 buffers are freed before the decoder's backward.
+        keep = [g if g is None or x.dtype == torch.float16 else g.to(x.dtype) for g, x in ((grad_h, h_s), (grad_w, w_s))]
+        ctx.grads, ctx.dtypes = keep, (h_s.dtype, w_s.dtype)
         ctx.mark_non_differentiable(*(t for t in out[1:] if t is not None))
         return out
 
@@ -461,16 +532,18 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_divergence computes its gradients once, in forward; backward ran twice")
         grads, ctx.grads = ctx.grads, None
-        grad_h, grad_w = (None if g is None else g.mul_(grad_loss) for g in grads)  # in place: no copy of [V, H]
+        # in place: no second [V, H] buffer
+        grad_h, grad_w = (None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes))
         return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _dense_linear(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config) -> DivergenceOutput:
     """The reference path: full logits (matmul in the input dtype), `dense_divergence`, plain autograd."""
-    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    s = (h_s @ w_s.T).to(dtype)
+    dtype = _accumulator_dtype(h_s)
+    student_head, teacher_head = cfg.heads
+    s = student_head((h_s @ w_s.T).to(dtype))
     with torch.no_grad():
-        u = (h_t @ w_t.T).to(dtype)
+        u = teacher_head((h_t @ w_t.T).to(dtype))
         log_s = torch.log_softmax(s / cfg.temperature, -1)
         entropy = -(log_s.exp() * log_s).sum(-1)
         target_logprob = None if target is None else log_s.gather(-1, target[:, None])[:, 0]
@@ -483,6 +556,24 @@ def _dense_linear(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config) ->
         ratio = _importance_ratio(target_logprob, rollout, cfg.is_clip)
         weights = weights * ratio
     return DivergenceOutput((weights * per_token).sum(), per_token.detach(), entropy, target_logprob, ratio)
+
+
+def target_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *, temperature: float = 1.0,
+                    head: LogitTransform = IDENTITY, token_chunk: int = 128, vocab_chunk: int = 262_144) -> Tensor:
+    """log S(target_ids[t]) [N] for hidden states [N, H] and an output weight [V, H], chunked like
+    `linear_divergence`, without autograd (fp32; fp64 for fp64 inputs)."""
+    _check_shape("weight", weight, (weight.shape[0], hidden.shape[1]))
+    _check_shape("target_ids", target_ids, (hidden.shape[0],))
+    dtype = _accumulator_dtype(hidden)
+    out = hidden.new_empty(hidden.shape[0], dtype=dtype)
+    with torch.no_grad():
+        for r0 in range(0, len(hidden), token_chunk):
+            r = slice(r0, r0 + token_chunk)
+            tiles = _Tiles(hidden[r], weight, None, None, None, None, heads=(head, head), temperature=temperature,
+                           vocab_chunk=vocab_chunk, shard=_Shard.of(weight, None), dtype=dtype)
+            student, _, _ = tiles.stream(teacher=False, top_k=None)
+            out[r] = tiles.logits_at(False, target_ids[r, None])[:, 0] - student.lse()
+    return out
 
 
 def linear_divergence(
@@ -504,8 +595,11 @@ def linear_divergence(
     token_chunk: int = 128,
     vocab_chunk: int = 262_144,
     process_group=None,
+    student_head: LogitTransform = IDENTITY,
+    teacher_head: LogitTransform = IDENTITY,
 ) -> DivergenceOutput:
-    """Σ_t token_weights[t]·ratio[t]·D[t] from hidden states [N, H] and output weights [V, H].
+    """Σ_t token_weights[t]·ratio[t]·D[t] from hidden states [N, H] and output weights [V, H]; each side's logits
+    are its head's `LogitTransform` of h·Wᵀ.
 
     token_weights [N] carry masks and normalisation (the caller's). With rollout_logprobs [N]
     (log S of target_ids at rollout time), ratio = exp(clamp(log S(y) − rollout, ±20)), clipped
@@ -516,7 +610,7 @@ def linear_divergence(
     Chunks: logits live one [token_chunk × vocab_chunk] tile at a time. With vocab_chunk >= the
     (per-rank) vocabulary, a token chunk's tile is kept across the passes: no recomputation, the
     output-layer FLOPs of the dense path. A smaller vocab_chunk bounds memory by the tile instead and
-    recomputes tiles (~1.5× the FLOPs for the KLs, 2× for the JSD). The defaults (128 tokens, one
+    recomputes tiles (~1.5× the FLOPs for forward KL, 2× for reverse KL and the JSD). The defaults (128 tokens, one
     tile up to 262,144 rows) measured 9% of the dense peak memory at about its time for
     N = 2048, V = 151,936, H = 896 on CPU (benchmarks/divergence.py); GPUs want larger token chunks.
     """
@@ -543,7 +637,8 @@ def linear_divergence(
         raise ValueError("process_group (vocabulary-parallel) needs chunked=True")
     shard = _Shard.of(student_weight, process_group)
     _check_mode(alpha, mode, top_k, target_ids, shard.vocab)
-    cfg = _Config(alpha, temperature, mode, top_k, add_tail, is_clip, token_chunk, vocab_chunk, shard)
+    cfg = _Config(alpha, temperature, mode, top_k, add_tail, is_clip, token_chunk, vocab_chunk, shard,
+                  (student_head, teacher_head))
     args = (student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights.detach(),
             target_ids, None if rollout_logprobs is None else rollout_logprobs.detach())
     if not chunked:
