@@ -261,15 +261,6 @@ def build_teacher_engine(lm: nn.Module, hf_config: HfTrainerDeepSpeedConfig):
     return engine
 
 
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, 0.0)
-
-
 def architecture(engine) -> tuple:
     """What EMA needs to be equal: parameter names and full shapes."""
     return tuple((name, tuple(getattr(p, "ds_shape", p.shape)))

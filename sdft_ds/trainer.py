@@ -21,10 +21,10 @@ from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.integrations.deepspeed import set_hf_deepspeed_config
 
-from sdft_ds import checkpoint, engines
+from sdft_ds import checkpoint, engines, models
 from sdft_ds.config import SDFTConfig
 from sdft_ds.data import PromptSampler, left_pad, load_prompt_dataset, tokenize_prompts, with_teacher_prompts
-from sdft_ds.divergence import DivergenceOutput, linear_divergence
+from sdft_ds.divergence import DivergenceOutput, linear_divergence, target_logprobs
 from sdft_ds.rollout import build_rollout, loss_mask, split_completions
 from sdft_ds.tracking import PHASES, PhaseClock, logger, make_tracker
 
@@ -53,12 +53,9 @@ def _head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weigh
     return linear_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights, **kwargs)
 
 
-def _head_logprobs(hidden, weight, target_ids, temperature, vocab_chunk):
-    """log S(target) without gradient: the divergence of the student with itself gives it for free."""
-    zeros = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    out = linear_divergence(hidden, weight, hidden, weight, zeros, alpha=0.0, temperature=temperature,
-                            target_ids=target_ids, vocab_chunk=vocab_chunk)
-    return (out.target_logprob,)
+def _head_logprobs(hidden, weight, target_ids, **kwargs):
+    """log S(target) without gradient."""
+    return (target_logprobs(hidden, weight, target_ids, **kwargs),)
 
 
 def _ships_tokenizer(name_or_path: str) -> bool:
@@ -93,6 +90,9 @@ class SDFTTrainer:
         student_config = self._model_config(model)
         teacher_config = self._model_config(ref_model) if ref_model is not None else student_config
         self._check_pair(student_config, teacher_config, ref_model)
+        # how each output layer makes logits (refusing what the fused head cannot reproduce); a live teacher is the
+        # student
+        self.heads = (models.logit_transform(student_config), models.logit_transform(teacher_config))
 
         self.resume_from = self._checkpoint_to_resume(args.resume_from_checkpoint)
 
@@ -109,12 +109,13 @@ class SDFTTrainer:
         self._student_ds = student_ds = engines.fill_ds_config(args.student_ds_config_path(), args, self.world_size,
                                                                student_config.hidden_size, self.total_steps)
         student_lm = engines.load_causal_lm(model, student_ds, args.model_init_kwargs, args.attn_implementation)
-        self.eos_ids = self._eos_ids(student_lm)
+        models.check_output_layer(student_lm)
         if args.disable_dropout:
-            engines.disable_dropout(student_lm)
+            models.disable_dropout(student_lm)
         self.student = engines.build_student_engine(student_lm, student_ds, args, self.total_steps)
         self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, model, teacher_config)
+        self.eos_ids = models.eos_ids(self.tokenizer, student_lm, engines.language_model(self.teacher))
         set_hf_deepspeed_config(student_ds)  # transformers holds it by weak reference: self._student_ds keeps it
 
         generator = self.teacher if args.generate_from_teacher else self.student
@@ -167,12 +168,6 @@ class SDFTTrainer:
                              f"architecture; student {_architecture_key(student_config)} vs teacher "
                              f"{_architecture_key(teacher_config)}. Use teacher_mode='frozen' or drop ref_model.")
 
-    def _eos_ids(self, lm) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
-
     def _build_teacher(self, ref_model, model, teacher_config):
         """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student."""
         args = self.args
@@ -188,8 +183,9 @@ class SDFTTrainer:
             lm = AutoModelForCausalLM.from_config(teacher_config, dtype=engines.model_dtype(teacher_ds),
                                                   attn_implementation=args.attn_implementation
                                                   or engines.default_attn_implementation())
+        models.check_output_layer(lm)
         if args.disable_dropout:
-            engines.disable_dropout(lm)
+            models.disable_dropout(lm)
         teacher = engines.build_teacher_engine(lm, teacher_ds)
         if ref_model is None:
             engines.copy_weights(teacher, self.student)
@@ -344,7 +340,8 @@ class SDFTTrainer:
     def _divergence_kwargs(self) -> dict:
         args = self.args
         return dict(alpha=args.distillation_alpha, temperature=args.temperature, mode=args.distillation_mode,
-                    top_k=args.distillation_topk, add_tail=args.distillation_add_tail,
+                    top_k=args.distillation_topk, add_tail=args.distillation_add_tail, student_head=self.heads[0],
+                    teacher_head=self.heads[1],
                     chunked=args.divergence_impl == "chunked", token_chunk=args.divergence_token_chunk,
                     vocab_chunk=args.divergence_vocab_chunk)
 
@@ -383,6 +380,7 @@ class SDFTTrainer:
         """log S(completion token) under the policy that sampled it, for the importance ratio on reuse."""
         selected = batch.completion_mask.bool()
         kwargs = dict(target_ids=batch.completion_ids[selected], temperature=self.args.temperature,
+                      head=self.heads[0], token_chunk=self.args.divergence_token_chunk,
                       vocab_chunk=self.args.divergence_vocab_chunk)
         with torch.no_grad():
             (logprobs,) = self.student(batch.input_ids, batch.attention_mask, batch.start,

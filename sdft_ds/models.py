@@ -1,0 +1,80 @@
+"""What sdft_ds must know about a model's architecture: how its output layer makes logits, which ids end a
+completion, where its dropout lives. Read from configs before any model is loaded where the config says it, from
+the loaded modules otherwise — always before an engine is built.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sdft_ds.divergence import IDENTITY, LogitTransform
+
+# Output layers that do more than logits = h·Wᵀ, and what they do (transformers 5: modeling_<type>.py).
+_TRANSFORMS = {
+    "gemma2": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
+    "gemma3_text": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
+    "cohere": lambda c: LogitTransform(scale=c.logit_scale),
+    "cohere2": lambda c: LogitTransform(scale=c.logit_scale),
+    "granite": lambda c: LogitTransform(scale=1 / c.logits_scaling),  # Granite divides...
+    "granitemoe": lambda c: LogitTransform(scale=1 / c.logits_scaling),
+}
+# ...and HyperCLOVA X multiplies by an attribute of the same name: these names alone do not say what to do.
+_LOGIT_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")
+_BIASED_HEADS = ("gptj", "codegen", "phi")  # lm_head = nn.Linear(..., bias=True)
+
+DROPOUT_ATTRIBUTES = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                      "attn_dropout", "activation_dropout", "summary_first_dropout")
+
+
+def _refuse_head(model_type: str, what: str) -> ValueError:
+    return ValueError(f"model_type {model_type!r}: {what}. sdft_ds's fused output head computes the divergence from "
+                      "hidden states and the output weight, so it would train this model against a different "
+                      "distribution from the one it samples; it is refused rather than trained wrong. Supported "
+                      f"output-layer transforms: plain h·Wᵀ and {sorted(_TRANSFORMS)}.")
+
+
+def logit_transform(config) -> LogitTransform:
+    """The transform of h·Wᵀ this model's output layer applies; refuses a model whose config says its logits are
+    made otherwise in a way the fused head does not implement."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type in _TRANSFORMS:
+        return _TRANSFORMS[model_type](config)
+    if model_type in _BIASED_HEADS:
+        raise _refuse_head(model_type, "its output layer adds a bias (lm_head.bias)")
+    unknown = {name: value for name in _LOGIT_ATTRIBUTES
+               if (value := getattr(config, name, None)) is not None and value != 1}
+    if unknown:
+        raise _refuse_head(model_type, f"its config sets {unknown}, which change how its output layer makes logits")
+    return IDENTITY
+
+
+def check_output_layer(lm: nn.Module) -> None:
+    """Refuse a loaded model whose output layer has a bias (one the config could not tell us about)."""
+    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+        raise _refuse_head(getattr(lm.config, "model_type", type(lm).__name__),
+                           "its output layer adds a bias (lm_head.bias)")
+
+
+def eos_ids(tokenizer, *lms: nn.Module) -> list[int]:
+    """Ids that end a completion: the tokenizer's EOS and every model's `generation_config.eos_token_id` (an
+    instruct teacher may end its turns with an id the student's base config does not list)."""
+    ids = {tokenizer.eos_token_id}
+    for lm in lms:
+        configured = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: nn.Dropout modules, and the probabilities that attention modules copy from the
+    config at build time (Qwen2 and Llama pass `self.attention_dropout` to the attention kernel)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for name in DROPOUT_ATTRIBUTES:
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
