@@ -495,5 +495,11 @@ def load_checkpoint(engine, directory: str, tag: str) -> None:
         raise FileNotFoundError(f"No DeepSpeed checkpoint found in {directory!r} (tag {tag!r}).")
 
 
+def step_applied(engine) -> bool:
+    """Whether the last optimizer step changed the weights: fp16's loss scaler skips a step whose gradients
+    overflowed (the same on every rank: DeepSpeed reduces the overflow flag)."""
+    return engine.was_step_applied()
+
+
 def learning_rate(engine) -> float:
     return engine.get_lr()[0]

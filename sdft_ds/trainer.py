@@ -391,7 +391,9 @@ class SDFTTrainer:
         return full
 
     def _sync_teacher(self) -> None:
-        if self.ema is not None and self.step % self.args.teacher_sync_steps == 0:
+        """EMA every teacher_sync_steps optimizer steps; a step fp16 skipped on overflow moved no weight, so the
+        teacher is not moved towards it either."""
+        if self.ema is not None and self.step % self.args.teacher_sync_steps == 0 and engines.step_applied(self.student):
             self.ema.update(self.args.teacher_update_rate)
             self.teacher_syncs += 1
             self._teacher_head = None

@@ -33,3 +33,9 @@ def test_flash_attention_and_sdpa_losses_agree(tmp_path):
     pytest.importorskip("flash_attn")
     report = check(tmp_path, "flash_attention")
     assert report["flash_attention_2"] == pytest.approx(report["sdpa"], rel=2e-2)
+
+
+def test_fp16_step_skipped_on_overflow_leaves_the_ema_teacher(tmp_path):
+    report = check(tmp_path, "fp16_skip")
+    assert not report["step_applied"], report  # the mechanism: DeepSpeed really skipped the step
+    assert report["teacher_syncs"] == 0 and report["teacher_moved"] == 0.0, report

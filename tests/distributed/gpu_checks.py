@@ -1,6 +1,6 @@
 """CUDA checks, one process (`python tests/distributed/gpu_checks.py --out DIR --check NAME`), run by
 tests/test_gpu.py on a GPU machine: an SDFT run under ZeRO-3 + CPU-Adam offload, hybrid engine vs
-gather-once greedy tokens, flash-attn vs sdpa divergence. Writes DIR/<NAME>.json."""
+gather-once greedy tokens, flash-attn vs sdpa divergence, an fp16 step skipped on overflow. Writes DIR/<NAME>.json."""
 
 import argparse
 import json
@@ -18,25 +18,26 @@ from sdft_ds.rollout import HFGenerateRollout, HybridEngineGenerate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
-parser.add_argument("--check", required=True, choices=["train", "hybrid_engine", "flash_attention"])
+parser.add_argument("--check", required=True, choices=["train", "hybrid_engine", "flash_attention", "fp16_skip"])
 parser.add_argument("--arch", default="llama")
 cli = parser.parse_args()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def model(arch: str, attn: str = "sdpa"):
+def model(arch: str, attn: str = "sdpa", dtype=torch.bfloat16):
     torch.manual_seed(0)
     config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688,
                                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                                   max_position_embeddings=1024, tie_word_embeddings=arch == "qwen2")
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
 
 
-def trainer(arch: str, attn: str = "sdpa", **settings):
+def trainer(arch: str, attn: str = "sdpa", dtype=torch.bfloat16, **settings):
     args = SDFTConfig(**{**dict(output_dir=f"{cli.out}/{cli.check}", per_device_train_batch_size=4, max_steps=4,
                                 bf16=True, max_completion_length=32, learning_rate=1e-3, logging_steps=1),
                          **settings})
-    return SDFTTrainer(model=model(arch, attn), ref_model=model(arch, attn), args=args, processing_class=tokenizer,
+    return SDFTTrainer(model=model(arch, attn, dtype), ref_model=model(arch, attn, dtype), args=args,
+                       processing_class=tokenizer,
                        train_dataset=str(DEMO_TRAIN_CHAT))
 
 
@@ -68,6 +69,17 @@ elif cli.check == "hybrid_engine":
     except Exception as error:  # reported, not hidden: the trainer would fall back to gather-once
         report.update(agree=False, error=repr(error))
     report.update(chosen_path=t.rollout.name, trains=bool(t.train()))
+elif cli.check == "fp16_skip":
+    # a loss scale of 2^32 overflows fp16 gradients: DeepSpeed skips the step, and the EMA must not advance
+    config = json.loads((DS_CONFIG_DIR / "zero3_offload.json").read_text())
+    config["fp16"] = {"enabled": True, "initial_scale_power": 32, "hysteresis": 2}
+    t = trainer(cli.arch, dtype=torch.float16, bf16=False, fp16=True, teacher_mode="ema", teacher_update_rate=0.5, deepspeed=config)
+    teacher_before = {k: v.float().clone() for k, v in engines.consolidated_state_dict(t.teacher).items()}
+    t.train_step()
+    teacher_after = engines.consolidated_state_dict(t.teacher)
+    report.update(step_applied=engines.step_applied(t.student), teacher_syncs=t.teacher_syncs,
+                  teacher_moved=max((teacher_after[k].float() - v).abs().max().item()
+                                    for k, v in teacher_before.items()))
 else:
     values = {}
     for attn in ("sdpa", "flash_attention_2"):
