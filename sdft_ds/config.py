@@ -97,8 +97,9 @@ class SDFTConfig:
     # ---- prompts and generation ----
     max_prompt_length: int = _help("Student prompts longer than this are cut from the left (counted).",
                                    default=512)
-    max_teacher_prompt_length: int = _help("Own limit of the teacher prompt, so a demonstration never "
-                                           "silently cuts the question away.", default=1024)
+    max_teacher_prompt_length: int = _help("Own limit of the teacher prompt. A longer one loses the end of its "
+                                           "privileged_context (counted), never the question; one whose context "
+                                           "cannot be found in it is refused.", default=1024)
     max_completion_length: int = _help("Tokens sampled per completion.", default=256)
     num_generations: int = _help("Completions sampled per prompt (paper: 1).", default=1)
     temperature: float = _help("Sampling temperature; also τ of the divergence.", default=1.0)

@@ -122,7 +122,8 @@ def encode(tokenizer, value, chat_template_kwargs: dict | None = None) -> list[i
 
 @dataclass
 class TokenizedPrompts:
-    """Token ids per row, cut from the left to their limits, with the rows that were cut."""
+    """Token ids per row within their limits (prompts cut from the left, teacher prompts inside their privileged
+    context), with the rows that were cut."""
 
     prompt_ids: list[list[int]]
     teacher_prompt_ids: list[list[int]]
@@ -136,10 +137,83 @@ class TokenizedPrompts:
 def _left_truncate(rows: list[list[int]], limit: int, column: str) -> tuple[list[list[int]], frozenset[int]]:
     over = [i for i, ids in enumerate(rows) if len(ids) > limit]
     if over:
-        named = ", ".join(map(str, over[:MAX_ROWS_NAMED])) + (" ..." if len(over) > MAX_ROWS_NAMED else "")
         logger.warning("%d %s(s) exceed %d tokens and are cut from the left (rows %s). Raise the limit if the "
-                       "start of the prompt matters.", len(over), column, limit, named)
+                       "start of the prompt matters.", len(over), column, limit, _named(over))
     return [ids[-limit:] for ids in rows], frozenset(over)
+
+
+def _named(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:MAX_ROWS_NAMED])) + (" ..." if len(rows) > MAX_ROWS_NAMED else "")
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    i = text.rindex(old)
+    return text[:i] + new + text[i + len(old):]
+
+
+def _holds(value, context: str) -> bool:
+    if is_conversation(value):
+        return any(context in str(m["content"]) for m in value)
+    return context in value
+
+
+def _with_context(value, context: str, shorter: str):
+    """The teacher prompt (text or chat) with the last occurrence of its privileged context replaced."""
+    if not is_conversation(value):
+        return _replace_last(value, context, shorter)
+    messages = [dict(m) for m in value]
+    for message in reversed(messages):
+        if context in str(message["content"]):
+            message["content"] = _replace_last(str(message["content"]), context, shorter)
+            break
+    return messages
+
+
+def _cut_context(value, context: str, tokenizer, limit: int, chat_template_kwargs) -> list[int] | None:
+    """The teacher prompt's ids with its privileged context cut from the end until they fit (the question and the
+    template's framing stay whole); None when even an empty context does not fit."""
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+
+    def ids(keep: int) -> list[int]:
+        return encode(tokenizer, _with_context(value, context, tokenizer.decode(context_ids[:keep])),
+                      chat_template_kwargs)
+
+    if len(ids(0)) > limit:
+        return None
+    fits, over = 0, len(context_ids) + 1  # the longest fitting cut, by bisection
+    while over - fits > 1:
+        middle = (fits + over) // 2
+        fits, over = (middle, over) if len(ids(middle)) <= limit else (fits, middle)
+    return ids(fits)
+
+
+def _fit_teacher_prompts(values: list, contexts: list, rows: list[list[int]], tokenizer, limit: int,
+                         chat_template_kwargs) -> tuple[list[list[int]], frozenset[int]]:
+    """Teacher prompts over the limit lose the end of their privileged context, not their start: cut from the
+    left, the question would go first and the demonstration stay (SPEC §4). Rows whose context cannot be found
+    in the teacher prompt are refused."""
+    over = [i for i, ids in enumerate(rows) if len(ids) > limit]
+    rows, refused = list(rows), []
+    for i in over:
+        context = contexts[i]
+        found = isinstance(context, str) and context.strip() and _holds(values[i], context)
+        fitted = _cut_context(values[i], context, tokenizer, limit, chat_template_kwargs) if found else None
+        if fitted is None:
+            refused.append(i)
+        else:
+            rows[i] = fitted
+    if refused:
+        raise ValueError(f"{len(refused)} teacher_prompt(s) exceed max_teacher_prompt_length={limit} tokens (rows "
+                         f"{_named(refused)}) and sdft_ds cannot cut them without cutting the question or finding the "
+                         "demonstration: they have no privileged_context column value that occurs in the teacher "
+                         "prompt, or the question alone is too long. Raise max_teacher_prompt_length, shorten those "
+                         "rows, or give the demonstration in a 'privileged_context' column (it is then cut from its "
+                         "end).")
+    if over:
+        logger.warning("%d teacher_prompt(s) exceed %d tokens; their privileged_context is cut from its end (rows "
+                       "%s). Raise max_teacher_prompt_length to keep the whole demonstration.", len(over), limit,
+                       _named(over))
+    return rows, frozenset(over)
 
 
 def tokenize_prompts(dataset: Dataset, tokenizer, max_prompt_length: int, max_teacher_prompt_length: int,
@@ -147,9 +221,12 @@ def tokenize_prompts(dataset: Dataset, tokenizer, max_prompt_length: int, max_te
     check_tokenizer(tokenizer)
     validate_rows(dataset)
     prompts = [encode(tokenizer, p, chat_template_kwargs) for p in dataset["prompt"]]
-    teacher_prompts = [encode(tokenizer, p, chat_template_kwargs) for p in dataset["teacher_prompt"]]
+    teacher_values = dataset["teacher_prompt"]
+    teacher_prompts = [encode(tokenizer, p, chat_template_kwargs) for p in teacher_values]
     prompts, cut = _left_truncate(prompts, max_prompt_length, "prompt")
-    teacher_prompts, teacher_cut = _left_truncate(teacher_prompts, max_teacher_prompt_length, "teacher_prompt")
+    contexts = dataset["privileged_context"] if "privileged_context" in dataset.column_names else [None] * len(prompts)
+    teacher_prompts, teacher_cut = _fit_teacher_prompts(teacher_values, contexts, teacher_prompts, tokenizer,
+                                                        max_teacher_prompt_length, chat_template_kwargs)
     return TokenizedPrompts(prompts, teacher_prompts, cut, teacher_cut)
 
 

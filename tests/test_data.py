@@ -88,6 +88,49 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tokenizer, caplog):
     assert "rows 0" in caplog.text
 
 
+QUESTION = "Subtract 15 from 86."
+DEMONSTRATION = " ".join(["seventy-one"] * 40)
+TEMPLATE = "{prompt}\n\nThis is an example for a response to the question:\n{privileged_context}\n\nNow answer."
+
+
+def test_long_teacher_prompts_lose_the_end_of_their_context_not_the_question(tokenizer, caplog):
+    """SPEC §4: the demonstration must not cut the question away. Cut from the left, the teacher prompt would lose
+    the question and keep the demonstration; it loses the end of the demonstration instead."""
+    data = with_teacher_prompts(Dataset.from_dict({"prompt": [QUESTION, "short"],
+                                                   "privileged_context": [DEMONSTRATION, "5"]}), TEMPLATE)
+    full = len(tokenizer(data["teacher_prompt"][0])["input_ids"])
+    out = tokenize_prompts(data, tokenizer, max_prompt_length=64, max_teacher_prompt_length=full - 20)
+    assert out.truncated_teacher_rows == {0} and "privileged_context is cut from its end (rows 0)" in caplog.text
+    ids = out.teacher_prompt_ids[0]
+    text = tokenizer.decode(ids)
+    assert full - 20 - 3 <= len(ids) <= full - 20  # as much of the demonstration as fits
+    assert text.startswith(QUESTION + "\n\nThis is an example") and text.endswith("\n\nNow answer.")
+    assert "seventy-one" in text and text.count("seventy") < 40
+    assert out.teacher_prompt_ids[1] == tokenizer(TEMPLATE.format(prompt="short", privileged_context="5"))["input_ids"]
+
+
+def test_long_chat_teacher_prompts_are_cut_inside_the_context(tokenizer):
+    chat = [{"role": "user", "content": QUESTION}]
+    data = with_teacher_prompts(Dataset.from_dict({"prompt": [chat], "privileged_context": [DEMONSTRATION]}),
+                                TEMPLATE)
+    out = tokenize_prompts(data, tokenizer, max_prompt_length=64, max_teacher_prompt_length=60)
+    text = tokenizer.decode(out.teacher_prompt_ids[0])
+    assert len(out.teacher_prompt_ids[0]) <= 60 and out.truncated_teacher_rows == {0}
+    assert QUESTION in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+@pytest.mark.parametrize("case", ["no context column", "context not in the prompt", "question too long"])
+def test_teacher_prompts_that_cannot_be_cut_safely_are_refused(tokenizer, case):
+    long = QUESTION + " " + DEMONSTRATION
+    rows = {"no context column": {"prompt": ["ok", QUESTION], "teacher_prompt": ["ok", long]},
+            "context not in the prompt": {"prompt": ["ok", QUESTION], "teacher_prompt": ["ok", long],
+                                          "privileged_context": ["", "something else"]},
+            "question too long": {"prompt": ["ok", DEMONSTRATION], "teacher_prompt": ["ok", DEMONSTRATION + " 5"],
+                                  "privileged_context": ["", "5"]}}[case]
+    with pytest.raises(ValueError, match=r"exceed max_teacher_prompt_length=30 tokens \(rows 1\).*privileged_context"):
+        tokenize_prompts(Dataset.from_dict(rows), tokenizer, max_prompt_length=200, max_teacher_prompt_length=30)
+
+
 def test_left_pad_puts_tokens_flush_right():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
