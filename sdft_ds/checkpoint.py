@@ -7,6 +7,7 @@ pointer only after a whole training checkpoint is on disk, so an interrupted sav
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +16,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "sdft_state-rank{rank}.pt"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' pre-emption warnings; Ctrl-C still aborts
@@ -87,12 +90,37 @@ def resolve(spec: str, output_dir: str) -> tuple[Path, str]:
     return folder, tag
 
 
-def prune(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest step-N checkpoints, never the one `latest` names; returns what went."""
+def _step_number(name: str) -> int | None:
+    number = name.removeprefix("step-")
+    return int(number) if name.startswith("step-") and number.isdigit() else None
+
+
+_reported_abandoned: set[Path] = set()  # warned about once per process, not at every save
+
+
+def prune(directory: Path, keep: int, saved: str) -> list[Path]:
+    """Delete all but the `keep` newest step-N checkpoints of the current history, never the one `latest` names;
+    returns what went.
+
+    `saved` is the tag just written. The current history is what is numbered up to it: after a resume from an
+    older checkpoint, folders
+    numbered above it belong to the abandoned run. They are neither counted nor deleted (they may be all that is
+    left of that run), only named in a warning, once.
+    """
     latest = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
-    steps = sorted((p for p in directory.glob("step-*") if p.name.removeprefix("step-").isdigit()),
-                   key=lambda p: int(p.name.removeprefix("step-")))
-    doomed = [p for p in steps[:-keep] if p.name != latest]
+    newest = _step_number(saved)
+    if newest is None:
+        raise ValueError(f"prune needs the step-N tag just saved in {directory}, got {saved!r}.")
+    steps = sorted((p for p in directory.glob("step-*") if _step_number(p.name) is not None),
+                   key=lambda p: _step_number(p.name))
+    current = [p for p in steps if _step_number(p.name) <= newest]
+    abandoned = [p for p in steps if _step_number(p.name) > newest and p.resolve() not in _reported_abandoned]
+    if abandoned:
+        _reported_abandoned.update(p.resolve() for p in abandoned)
+        logger.warning("%s: numbered above the checkpoint just saved (%s), so left by the run this one was resumed "
+                       "from at an earlier step; save_total_limit neither counts nor deletes them. Delete them by hand "
+                       "when no longer needed.", ", ".join(str(p) for p in abandoned), saved)
+    doomed = [p for p in current[:-keep] if p.name != latest]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -62,7 +62,9 @@ class SDFTConfig:
                                          "device (README). `auto` values are filled from this config.",
                                          default=None)
     save_total_limit: int | None = _help("Keep only this many newest checkpoints (older step-N folders are deleted "
-                                         "after a new one is complete); None keeps all.", default=None)
+                                         "after a new one is complete); None keeps all. After a resume from an "
+                                         "older checkpoint, folders numbered above it are kept and not counted.",
+                                         default=None)
     resume_from_checkpoint: str | None = _help("Continue a run from a checkpoint written every save_steps or on "
                                                "SIGTERM/SIGUSR1: a `checkpoints` folder (its latest), one of its "
                                                "`step-N` folders, or `latest` for <output_dir>/checkpoints. Needs "

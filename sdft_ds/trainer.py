@@ -448,7 +448,7 @@ class SDFTTrainer:
         engines.save_checkpoint(self.student, str(directory), tag)
         node_local = self.args.save_on_each_node and engines.local_rank() == 0  # each node prunes its own disk
         if self.args.save_total_limit and (self.rank == 0 or node_local):
-            checkpoint.prune(directory, self.args.save_total_limit)
+            checkpoint.prune(directory, self.args.save_total_limit, saved=tag)
         return str(directory / tag)
 
     def _checkpoint_to_resume(self, spec: str | None) -> tuple[Path, str] | None:

@@ -89,12 +89,44 @@ def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokeni
                     train_dataset=str(DEMO_TRAIN))
 
 
+def _save(directory: Path, step: int) -> str:
+    """What a save leaves for prune: the step folder, then DeepSpeed's `latest` naming it."""
+    (directory / f"step-{step}").mkdir()
+    (directory / "latest").write_text(f"step-{step}")
+    return f"step-{step}"
+
+
 def test_prune_keeps_the_newest_checkpoints_and_the_latest(tmp_path):
     from sdft_ds.checkpoint import prune
 
     for step in (2, 4, 10, 12):
-        (tmp_path / f"step-{step}").mkdir()
-    (tmp_path / "latest").write_text("step-4")  # e.g. step-10 and 12 were saved elsewhere by hand
-    gone = prune(tmp_path, keep=2)
-    assert sorted(p.name for p in gone) == ["step-2"]  # step-10 sorts after step-4: by number, not by name
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-12", "step-4"]
+        _save(tmp_path, step)
+    (tmp_path / "latest").write_text("step-4")  # a hand-edited pointer: never delete what resume would load
+    gone = prune(tmp_path, keep=1, saved="step-12")
+    assert sorted(p.name for p in gone) == ["step-10", "step-2"]  # step-10 sorts after step-4: by number, not name
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-12", "step-4"]
+
+
+def test_prune_after_resuming_into_an_older_history_keeps_the_new_checkpoints(tmp_path, caplog):
+    from sdft_ds.checkpoint import prune
+
+    for step in (2, 4, 10, 12):
+        _save(tmp_path, step)
+    # Resumed from step-4: step-10 and step-12 are the abandoned run's. Keeping the highest numbers would delete
+    # each new checkpoint as soon as it is written.
+    with caplog.at_level("WARNING", logger="sdft_ds.checkpoint"):
+        gone = [[p.name for p in prune(tmp_path, keep=2, saved=_save(tmp_path, step))] for step in (5, 6, 7)]
+    assert gone == [["step-2"], ["step-4"], ["step-5"]]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-12", "step-6", "step-7"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # once, not at every save
+    assert "step-10" in warnings[0] and "step-12" in warnings[0] and "step-5" in warnings[0]
+
+
+def test_save_total_limit_after_resuming_from_an_older_checkpoint(tmp_path):
+    launch(["tests/distributed/prune_resume.py", "--out", str(tmp_path)], ranks=1)
+    (report,) = read_reports(tmp_path, ranks=1)
+    assert report["step"] == 7 and report["latest"] == "step-7"
+    # The two newest of the resumed history; the abandoned run's step-10/12 neither take their slots nor vanish.
+    assert report["left"] == ["step-10", "step-12", "step-6", "step-7"], report
+    assert len(report["warnings"]) == 1 and "step-10" in report["warnings"][0], report
