@@ -2,9 +2,11 @@
 
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, SamplingConfig
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from sdft_ds.assets import model_dir
+from sdft_ds.data import left_pad
+from sdft_ds.engines import Policy
 from sdft_ds.rollout import completion_mask, generation_config, loss_mask, split_completions
 
 EOS, END, PAD = 5, 6, 5  # pad == eos, as after `tokenizer.pad_token = tokenizer.eos_token`
@@ -45,3 +47,39 @@ def test_skipped_leading_tokens_leave_the_loss_but_not_the_completion():
     mask, _ = completion_mask(torch.tensor([[1, 2, 3, EOS, PAD], [1, EOS, PAD, PAD, PAD]]), [EOS])
     assert loss_mask(mask, 3).tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]  # a short one contributes nothing
     assert loss_mask(mask, 0).tolist() == mask.tolist()
+
+
+def test_training_forward_sees_the_positions_generate_used_with_left_padding(tokenizer):
+    """GPT-2 has absolute position embeddings: a left-padded row scored with positions counted from the padding
+    gets other logits than generate sampled from (RoPE models hide this, being relative)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    lm = GPT2LMHeadModel(config).eval()
+    texts = ["Reverse the word 'cherry'.", "Hi", "Spell the number seven backwards, then add a full stop."]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(r) for r in rows}) == 3
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
+    sampling = SamplingConfig(max_new_tokens=6)
+    with torch.no_grad():
+        out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, output_logits=True,
+                          return_dict_in_generate=True,
+                          generation_config=generation_config(sampling, [tokenizer.eos_token_id],
+                                                              tokenizer.pad_token_id, greedy=True))
+    width = prompt_ids.shape[1]
+    completions = out.sequences[:, width:]
+    mask, _ = completion_mask(completions, [tokenizer.eos_token_id])
+    expected = torch.stack(out.logits, 1)  # (B, C, V): the logits each completion token was chosen from
+
+    with torch.no_grad():
+        hidden = Policy(lm)(out.sequences, torch.cat([prompt_mask, mask], 1), width, completions.shape[1])
+    logits = hidden @ lm.lm_head.weight.T
+    selected = mask.bool()
+    torch.testing.assert_close(logits[selected], expected[selected], rtol=0, atol=1e-5)
+    assert torch.equal(logits.argmax(-1)[selected], completions[selected])  # greedy: the chosen tokens
+
+    with torch.no_grad():  # the check can tell: positions 0.. from the first (pad) column move the padded rows
+        unpositioned = lm(out.sequences, attention_mask=torch.cat([prompt_mask, mask], 1)).logits
+    padded = selected & (prompt_mask[:, 0] == 0)[:, None]
+    assert (unpositioned[:, width - 1:-1][padded] - expected[padded]).abs().max() > 1e-2
