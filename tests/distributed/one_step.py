@@ -1,8 +1,9 @@
 """Run under `deepspeed --num_gpus 2` by tests/test_zero3_step.py: a rollout, then one SDFT optimizer step on
-fixed completions; rank 0 saves every rank's inputs and the updated (gathered) student weights.
+fixed completions (`--accumulation` micro-batches of 2 per rank); rank 0 saves every rank's inputs and the
+updated (gathered) student weights.
 
     deepspeed --num_gpus 2 tests/distributed/one_step.py --out DIR --student tiny-llama --alpha 0.5 \
-        --deepspeed zero2_offload.json
+        --deepspeed zero2_offload.json --accumulation 2 --normalization token
 """
 
 import argparse
@@ -23,6 +24,8 @@ parser.add_argument("--student", default="tiny-qwen2-student")
 parser.add_argument("--alpha", type=float, default=0.0)
 parser.add_argument("--impl", default="chunked")
 parser.add_argument("--deepspeed", default="zero3_offload.json", help="a file in ds_configs/")
+parser.add_argument("--accumulation", type=int, default=1, help="gradient_accumulation_steps")
+parser.add_argument("--normalization", default="sequence", help="loss_normalization")
 parser.add_argument("--local_rank", type=int, default=-1)
 cli = parser.parse_args()
 
@@ -33,28 +36,34 @@ config = SDFTConfig(output_dir=cli.out, per_device_train_batch_size=2, max_steps
                     adam_epsilon=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", distillation_alpha=cli.alpha,
                     divergence_impl=cli.impl, divergence_token_chunk=5, divergence_vocab_chunk=100,
                     num_loss_tokens_to_skip=1, max_completion_length=16, seed=0,
+                    gradient_accumulation_steps=cli.accumulation, loss_normalization=cli.normalization,
                     deepspeed=str(DS_CONFIG_DIR / cli.deepspeed))
 trainer = SDFTTrainer(model=str(model_dir(cli.student)), ref_model=str(model_dir("tiny-qwen2-teacher")),
                       args=config, processing_class=tokenizer, train_dataset=str(DEMO_HELDOUT))
 rank = trainer.rank
 
 rows = with_teacher_prompts(load_prompt_dataset(str(DEMO_HELDOUT)), config.teacher_prompt_template)
-mine = rows.select(range(2 * rank, 2 * rank + 2))
+size = 2 * cli.accumulation
+mine = rows.select(range(size * rank, size * rank + size))
 prompts = tokenize_prompts(mine, tokenizer, config.max_prompt_length, config.max_teacher_prompt_length)
 answers = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in mine["answer"]]
-width = max(map(len, answers)) + 2  # trailing padding after EOS must stay out of the loss
-completion_ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
-completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers])
-batch = trainer._micro_batch(prompts.prompt_ids, prompts.teacher_prompt_ids, completion_ids, completion_mask,
-                             torch.zeros(2, dtype=torch.bool))
+batches = []
+for i in range(0, size, 2):
+    pair = answers[i:i + 2]
+    width = max(map(len, pair)) + 2  # trailing padding after EOS must stay out of the loss
+    completion_ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in pair])
+    completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in pair])
+    batches.append(trainer._micro_batch(prompts.prompt_ids[i:i + 2], prompts.teacher_prompt_ids[i:i + 2],
+                                        completion_ids, completion_mask, torch.zeros(2, dtype=torch.bool)))
 before = engines.consolidated_state_dict(trainer.student)
 trainer.queue = trainer._generate_round()  # a real rollout first: training after it must be unaffected
-trainer.queue = [batch]  # the step trains on these fixed completions instead of the sampled ones
+trainer.queue = list(batches)  # the step trains on these fixed completions instead of the sampled ones
 trainer.train_step()
+assert not trainer.queue and trainer.step == 1  # one optimizer step took all the micro-batches
 after = engines.consolidated_state_dict(trainer.student)
-inputs = {k: torch.as_tensor(getattr(batch, k)).cpu() for k in ("input_ids", "attention_mask", "start", "teacher_input_ids",
-                                                "teacher_attention_mask", "teacher_start", "completion_ids",
-                                                "completion_mask", "loss_mask")}
+fields = ("input_ids", "attention_mask", "start", "teacher_input_ids", "teacher_attention_mask", "teacher_start",
+          "completion_ids", "completion_mask", "loss_mask")
+inputs = [{k: torch.as_tensor(getattr(batch, k)).cpu() for k in fields} for batch in batches]
 gathered = [None] * trainer.world_size
 dist.all_gather_object(gathered, inputs)
 if rank == 0:
