@@ -166,6 +166,9 @@ def dense_divergence(
 # Streaming statistics: per-token, mergeable in any order (vocabulary chunks or ranks)
 
 
+_SOFTMAX_BLOCK = 16_384  # columns per block of _Softmax.of: 8 MB of temporaries for 128 fp32 rows
+
+
 class _Softmax(NamedTuple):
     """Max m, Σ e^{x−m} and Σ e^{x−m}·(x−m) of logits x: the log-sum-exp and the entropy. The moment is taken about
     the running max, so its terms share a sign and nothing cancels; taken about 0 it is of size |x| ≈ 30 and the
@@ -182,10 +185,14 @@ class _Softmax(NamedTuple):
     @classmethod
     def of(cls, x: Tensor, moment: bool = True) -> _Softmax:
         m = x.amax(-1)
-        z = x - m[:, None]
-        e = z.exp()
-        w = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0] if moment else x.new_zeros(len(x))
-        return cls(m, e.sum(-1), w)
+        d, w = x.new_zeros(len(x)), x.new_zeros(len(x))
+        for block in x.split(_SOFTMAX_BLOCK, dim=1):  # temporaries of a block, not of the whole tile
+            z = block - m[:, None]
+            e = z.exp()
+            d += e.sum(-1)
+            if moment:
+                w += _dot(e, z)
+        return cls(m, d, w)
 
     def merge(self, other: _Softmax) -> _Softmax:
         m = torch.maximum(self.m, other.m)
@@ -395,29 +402,42 @@ class _Tiles:
 # One small function per divergence support
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a·b per row, without an [n, c] product tile."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P‖Q) per row as Σ P·log P − Σ P·log Q: two dots of normalised log-probs, so no term is of size |logits|."""
+    p = log_p.exp()
+    return _dot(p, log_p) - _dot(p, log_q)
+
+
 def _full_divergence(tiles: _Tiles, student: _Softmax, teacher: _Softmax, alpha: float, w: Tensor) -> Tensor:
     """D over the whole vocabulary, from the tiles' log-probs as the dense path computes them (a KL from
     streamed moments Σ S·s − Σ S·u of size |logits| ≈ 30 loses ~1e-7·|logits| to cancellation in fp32: measured
-    up to 7e-2 relative error in the reverse-KL gradient). ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass;
-    forward KL has Σψ = −1, so its value is summed in the gradient pass, the others take one pass more."""
+    up to 7e-2 relative error in the reverse-KL gradient). ∂D/∂s = ψ − S·Σψ needs Σψ before the gradient pass:
+    −1 for forward KL, whose value is then summed in the gradient pass; KL + 1 for reverse KL and a sum of its own
+    for the JSD, both from one pass more."""
     value = torch.zeros_like(student.m)
     psi_sum = torch.full_like(value, -1.0) if alpha == 0 else torch.zeros_like(value)
     separate = alpha != 0 or not tiles.wants_grad
     if separate:
         for _, s, u in tiles.tiles(teacher=True):
             log_s, log_t = student.log_probs(s), teacher.log_probs(u)
-            value += _pointwise(log_s, log_t, alpha).sum(-1)
-            if alpha != 0:
+            if alpha in (0, 1):
+                value += _kl(log_t, log_s) if alpha == 0 else _kl(log_s, log_t)
+            else:
+                value += _pointwise(log_s, log_t, alpha).sum(-1)
                 psi_sum += _score(log_s, log_t, alpha).sum(-1)
         value = tiles.shard.sum(value)
-        if alpha != 0:
-            psi_sum = tiles.shard.sum(psi_sum)
+        psi_sum = value + 1 if alpha == 1 else tiles.shard.sum(psi_sum) if alpha != 0 else psi_sum
     if tiles.wants_grad:
         for c, s, u in tiles.tiles(teacher=True, last=True):
             log_s, log_t = student.log_probs(s, inplace=True), teacher.log_probs(u, inplace=True)
-            if not separate:
-                value += _pointwise(log_s, log_t, alpha).sum(-1)
             g = _score(log_s, log_t, alpha)
+            if not separate:  # forward KL: g = −T, so KL(T‖S) = −(Σ g·log T − Σ g·log S)
+                value -= _dot(g, log_t) - _dot(g, log_s)
             g -= log_s.exp_().mul_(psi_sum[:, None])  # ψ − S·Σψ
             tiles.accumulate(c, g.mul_(w[:, None]))
         if not separate:
