@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,33 @@ def _step_number(name: str) -> int | None:
 
 
 _reported_abandoned: set[Path] = set()  # warned about once per process, not at every save
+
+
+def check_world_size(folder: Path, rank: int, world_size: int, any_rank) -> None:
+    """Each rank needs its own state file and none may exist past the last rank. `any_rank(flag)` is True on every
+    rank when it is on one: ranks refuse as one (node-local checkpoints hold only their node's files)."""
+    mine = (folder / STATE_FILE.format(rank=rank)).is_file()
+    beyond = (folder / STATE_FILE.format(rank=world_size)).is_file()
+    if any_rank(beyond or not mine):
+        saved = len(list(folder.glob(STATE_FILE.format(rank="*"))))
+        raise ValueError(f"{folder} holds the state of {saved} rank(s) (on rank {rank}'s disk) and this run has "
+                         f"{world_size}: rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume with the "
+                         "number of ranks that saved it.")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def prune(directory: Path, keep: int, saved: str) -> list[Path]:

@@ -155,6 +155,17 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
+_registered: list[HfDeepSpeedConfig] = []
+
+
+def register_hf_config(hf_config: HfDeepSpeedConfig) -> None:
+    """Make `hf_config` the DeepSpeed config transformers consults (`is_deepspeed_zero3_enabled`: models built
+    while a ZeRO-3 config is registered are built partitioned under zero.Init). transformers keeps it only by weak
+    reference, so it is kept alive here: dropped, ZeRO-3 model construction silently builds whole models."""
+    set_hf_deepspeed_config(hf_config)
+    _registered[:] = [hf_config]
+
+
 def load_causal_lm(model, hf_config: HfDeepSpeedConfig, init_kwargs: dict | None,
                    attn_implementation: str | None) -> nn.Module:
     """A model object is used as given; a path or name is loaded already partitioned under `hf_config`."""
@@ -164,8 +175,16 @@ def load_causal_lm(model, hf_config: HfDeepSpeedConfig, init_kwargs: dict | None
         raise TypeError(f"model must be a PreTrainedModel or a checkpoint path/name, got {type(model).__name__}.")
     kwargs = {"dtype": model_dtype(hf_config),
               "attn_implementation": attn_implementation or default_attn_implementation(), **(init_kwargs or {})}
-    set_hf_deepspeed_config(hf_config)
+    register_hf_config(hf_config)
     return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
+
+
+def causal_lm_from_config(config, hf_config: HfDeepSpeedConfig, attn_implementation: str | None) -> nn.Module:
+    """A new model of `config`'s architecture, built partitioned under `hf_config` (its weights are copied in
+    afterwards, e.g. a teacher made from the student)."""
+    register_hf_config(hf_config)
+    return AutoModelForCausalLM.from_config(config, dtype=model_dtype(hf_config),
+                                            attn_implementation=attn_implementation or default_attn_implementation())
 
 
 class OutputHead(nn.Module):

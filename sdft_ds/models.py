@@ -1,13 +1,57 @@
-"""What sdft_ds must know about a model's architecture: how its output layer makes logits, which ids end a
-completion, where its dropout lives. Read from configs before any model is loaded where the config says it, from
+"""What sdft_ds must know about a model's architecture: whether student and teacher pair, how its output layer
+makes logits, which ids end a completion, where its dropout lives. Read from configs before any model is loaded where the config says it, from
 the loaded modules otherwise — always before an engine is built.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from sdft_ds.divergence import IDENTITY, LogitTransform
+
+def config_of(model, init_kwargs: dict | None = None):
+    """The Hugging Face config of a model object, path or hub name, without loading weights."""
+    if isinstance(model, PreTrainedModel):
+        return model.config
+    return AutoConfig.from_pretrained(str(model), **(init_kwargs or {}).get("config_kwargs", {}))
+
+
+def _ships_tokenizer(name_or_path: str) -> bool:
+    """A local folder without tokenizer files would load as an empty tokenizer; hub names are checked."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return not path.exists()
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _architecture_key(config) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "tie_word_embeddings")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def check_pair(student_config, teacher_config, tokenizer, ref_model, teacher_mode: str) -> None:
+    """Student and teacher must score the same vocabulary with the student's tokenizer; an EMA teacher must have
+    the student's architecture. Refused before any model is loaded."""
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ValueError(f"Student and teacher vocabularies differ ({student_config.vocab_size} vs "
+                         f"{teacher_config.vocab_size} rows): the divergence compares distributions over the "
+                         "same tokens. Use a teacher that shares the student's tokenizer.")
+    if len(tokenizer) > student_config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model only "
+                         f"{student_config.vocab_size} embedding rows; pass the model's own tokenizer.")
+    if isinstance(ref_model, str) and _ships_tokenizer(ref_model):
+        if AutoTokenizer.from_pretrained(ref_model).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"The teacher {ref_model!r} ships a different tokenizer from the student's; SDFT "
+                             "needs one shared vocabulary.")
+    if teacher_mode == "ema" and _architecture_key(teacher_config) != _architecture_key(student_config):
+        raise ValueError(f"teacher_mode='ema' averages student weights into the teacher, so both need one "
+                         f"architecture; student {_architecture_key(student_config)} vs teacher "
+                         f"{_architecture_key(teacher_config)}. Use teacher_mode='frozen' or drop ref_model.")
+
 
 # Output layers that do more than logits = h·Wᵀ, and what they do (transformers 5: modeling_<type>.py).
 _TRANSFORMS = {

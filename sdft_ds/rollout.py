@@ -19,6 +19,7 @@ from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutReques
 from transformers import CompileConfig, GenerationConfig
 
 from sdft_ds import engines
+from sdft_ds.batch import completion_mask
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +37,16 @@ class Completions:
         return self.mask.sum(-1)
 
 
-def completion_mask(ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask from positions, not token identity: pad may equal EOS, and chat models stop on several ids."""
-    is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device))
-    has_eos = is_eos.any(-1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, ids.shape[1], dtype=torch.long))
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    mask = (positions[None, :] <= first_eos[:, None]).long()
-    return mask, ~has_eos
+def sampling_config(args) -> SamplingConfig:
+    """DeepSpeed's sampling settings from an SDFTConfig."""
+    return SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, n_samples_per_prompt=args.num_generations)
 
 
-def loss_mask(completion_mask: torch.Tensor, num_tokens_to_skip: int) -> torch.Tensor:
-    """The completion mask less the first `num_tokens_to_skip` tokens of every completion (paper: 3)."""
-    mask = completion_mask.clone()
-    mask[:, :num_tokens_to_skip] = 0
-    return mask
+def sample(rollout: RolloutEngine, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, eos_ids: list[int],
+           pad_id: int) -> Completions:
+    """Completions for left-padded prompts (ids, mask), `sampling.n_samples_per_prompt` per prompt, in a row."""
+    return split_completions(rollout.generate(RolloutRequest(ids, mask), sampling), eos_ids, pad_id)
 
 
 def split_completions(batch: RolloutBatch, eos_ids: list[int], pad_id: int) -> Completions:

@@ -8,8 +8,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import time
+
+import torch
+
+from sdft_ds import engines
 
 logger = logging.getLogger("sdft_ds")
 
@@ -47,6 +52,71 @@ class PhaseClock:
         finally:
             self.synchronize()
             self.seconds[phase] += time.perf_counter() - started
+
+
+class StepStats:
+    """One logging window: loss metrics summed on the device (no host synchronisation per micro-batch), step
+    times on the host; `reduce` brings both over all ranks with three collectives, the window's only sync."""
+
+    DEVICE_SUMS = ("loss", "micro_batches", "divergence", "entropy", "loss_tokens", "length", "completions",
+                   "truncated", "ratio", "ratio_tokens", "ratio_clipped")
+    HOST_SUMS = ("step", "tokens", "steps", *PHASES)
+    EXTREMES = ("length", "ratio")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(len(self.DEVICE_SUMS), dtype=torch.float64, device=device)
+        self.host = dict.fromkeys(self.HOST_SUMS, 0.0)
+        self.mins = torch.full((len(self.EXTREMES),), math.inf, dtype=torch.float64, device=device)
+        self.maxs = torch.full((len(self.EXTREMES),), -math.inf, dtype=torch.float64, device=device)
+
+    def add_step(self, seconds: dict[str, float], steps: int = 1) -> None:
+        """A step's (or a checkpoint's) phase seconds, total seconds and tokens, from `train_step`/`PhaseClock`."""
+        for name in ("step", "tokens", *PHASES):
+            self.host[name] += seconds.get(name, 0.0)
+        self.host["steps"] += steps
+
+    def add(self, batch, out, is_clip: float | None) -> None:
+        """A micro-batch (`batch.MicroBatch`) and its `DivergenceOutput`."""
+        as_sum = dict.fromkeys(self.DEVICE_SUMS, torch.zeros((), dtype=torch.float64, device=self.device))
+        loss_mask = batch.loss_mask[batch.selected].double()
+        lengths = batch.completion_mask.sum(-1).double()
+        as_sum.update(loss=out.loss.detach().double(), micro_batches=torch.ones_like(lengths[0]),
+                      divergence=(out.per_token.double() * loss_mask).sum(),
+                      entropy=(out.entropy.double() * loss_mask).sum(), loss_tokens=loss_mask.sum(),
+                      length=lengths.sum(), completions=torch.full_like(lengths[0], len(lengths)),
+                      truncated=batch.truncated.double().sum().to(self.device))
+        low, high = [lengths.min(), self.mins[1]], [lengths.max(), self.maxs[1]]
+        if out.ratio is not None:
+            ratio = out.ratio.double()
+            as_sum.update(ratio=(ratio * loss_mask).sum(), ratio_tokens=loss_mask.sum())
+            if is_clip is not None:
+                as_sum["ratio_clipped"] = ((ratio >= is_clip) * loss_mask).sum()
+            low[1], high[1] = torch.minimum(self.mins[1], ratio.min()), torch.maximum(self.maxs[1], ratio.max())
+        self.sums += torch.stack([as_sum[k].to(self.device) for k in self.DEVICE_SUMS])
+        self.mins = torch.minimum(self.mins, torch.stack(low))
+        self.maxs = torch.maximum(self.maxs, torch.stack(high))
+
+    def reduce(self, world_size: int) -> dict[str, float]:
+        """Means over the window and all ranks. Times are per optimizer step, averaged over ranks; tokens/s is
+        the prompt + completion tokens trained on all ranks per second of (mean) step time."""
+        host = torch.tensor([self.host[k] for k in self.HOST_SUMS], dtype=torch.float64, device=self.device)
+        totals = engines.all_reduce_sum(torch.cat([self.sums, host]))
+        mins = engines.all_reduce_min(self.mins.clone())
+        maxs = -engines.all_reduce_min(-self.maxs)
+        t = dict(zip(self.DEVICE_SUMS + self.HOST_SUMS, totals.cpu().tolist()))
+        low, high = dict(zip(self.EXTREMES, mins.cpu().tolist())), dict(zip(self.EXTREMES, maxs.cpu().tolist()))
+        tokens, steps = max(t["loss_tokens"], 1.0), max(t["steps"], 1.0)
+        metrics = {"loss": t["loss"] / t["micro_batches"], "divergence": t["divergence"] / tokens,
+                   "entropy": t["entropy"] / tokens, "completion_length": t["length"] / t["completions"],
+                   "completion_length_min": low["length"], "completion_length_max": high["length"],
+                   "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["step"] / steps,
+                   "tokens_per_second": t["tokens"] / max(t["step"] / world_size, 1e-9),
+                   **{f"time/{phase}": t[phase] / steps for phase in PHASES}}
+        if t["ratio_tokens"]:
+            metrics.update(is_ratio_mean=t["ratio"] / t["ratio_tokens"], is_ratio_min=low["ratio"],
+                           is_ratio_max=high["ratio"], is_ratio_clipped=t["ratio_clipped"] / t["ratio_tokens"])
+        return metrics
 
 
 class Tracker:

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from sdft_ds.assets import model_dir
 from sdft_ds.data import left_pad
 from sdft_ds.engines import Policy
-from sdft_ds.rollout import completion_mask, generation_config, loss_mask, split_completions
+from sdft_ds.batch import completion_mask, loss_mask
+from sdft_ds.rollout import generation_config, split_completions
 
 EOS, END, PAD = 5, 6, 5  # pad == eos, as after `tokenizer.pad_token = tokenizer.eos_token`
 

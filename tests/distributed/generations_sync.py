@@ -7,22 +7,21 @@ Records, per round, the sampled rows, the rollout's own output and the micro-bat
 teacher's distance to its previous weights and to the EMA of them with the student.
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
-from sdft_ds import SDFTConfig, SDFTTrainer, engines
+from sdft_ds import SDFTConfig, SDFTTrainer
 from sdft_ds.assets import DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import gathered_weights, max_difference, script_out  # noqa: E402
 
 GENERATIONS, SYNC_STEPS, STEPS, RATE = 2, 2, 5, 0.5
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 args = SDFTConfig(output_dir=str(out), per_device_train_batch_size=2, steps_per_generation=2,
                   num_generations=GENERATIONS, teacher_mode="ema", teacher_update_rate=RATE,
@@ -32,7 +31,7 @@ trainer = SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=args, pro
                       train_dataset=str(DEMO_TRAIN_CHAT))
 
 rounds = []  # per round: sampled rows, rollout sequences, queued micro-batches
-next_round, generate, generate_round = trainer.sampler.next_round, trainer.rollout.generate, trainer._generate_round
+next_round, generate, generate_round = trainer.sampler.next_round, trainer.rollout.generate, trainer.generate_round
 
 
 def recording_next_round():
@@ -58,22 +57,14 @@ def recording_generate_round():
 
 
 trainer.sampler.next_round, trainer.rollout.generate = recording_next_round, recording_generate
-trainer._generate_round = recording_generate_round
-
-
-def weights(engine):
-    return {k: v.double() for k, v in engines.consolidated_state_dict(engine).items()}
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a) if a else None  # rank 0 holds the weights
+trainer.generate_round = recording_generate_round
 
 
 steps = []
-teacher = weights(trainer.teacher)
+teacher = gathered_weights(trainer.teacher)
 for _ in range(STEPS):
     trainer.train_step()
-    student, new_teacher = weights(trainer.student), weights(trainer.teacher)
+    student, new_teacher = gathered_weights(trainer.student), gathered_weights(trainer.teacher)
     ema = {k: (1 - RATE) * teacher[k] + RATE * student[k] for k in teacher}
     steps.append({"step": trainer.step, "teacher_syncs": trainer.teacher_syncs,
                   "teacher_moved": max_difference(new_teacher, teacher), "ema_error": max_difference(new_teacher, ema)})

@@ -53,10 +53,10 @@ for i in range(0, size, 2):
     width = max(map(len, pair)) + 2  # trailing padding after EOS must stay out of the loss
     completion_ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in pair])
     completion_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in pair])
-    batches.append(trainer._micro_batch(prompts.prompt_ids[i:i + 2], prompts.teacher_prompt_ids[i:i + 2],
+    batches.append(trainer.micro_batch(prompts.prompt_ids[i:i + 2], prompts.teacher_prompt_ids[i:i + 2],
                                         completion_ids, completion_mask, torch.zeros(2, dtype=torch.bool)))
 before = engines.consolidated_state_dict(trainer.student)
-trainer.queue = trainer._generate_round()  # a real rollout first: training after it must be unaffected
+trainer.queue = trainer.generate_round()  # a real rollout first: training after it must be unaffected
 trainer.queue = list(batches)  # the step trains on these fixed completions instead of the sampled ones
 trainer.train_step()
 assert not trainer.queue and trainer.step == 1  # one optimizer step took all the micro-batches

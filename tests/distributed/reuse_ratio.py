@@ -5,7 +5,7 @@ trained micro-batches with the importance ratio applied, and the student's weigh
     deepspeed --num_gpus 2 tests/distributed/reuse_ratio.py --out DIR
 """
 
-import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -15,10 +15,10 @@ from transformers import AutoTokenizer
 from sdft_ds import SDFTConfig, SDFTTrainer, engines
 from sdft_ds.assets import DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 args = SDFTConfig(output_dir=str(out), per_device_train_batch_size=2, steps_per_generation=2, num_iterations=2,
                   max_steps=4, learning_rate=2e-3, lr_scheduler_type="constant", temperature=0.7,
@@ -27,11 +27,11 @@ trainer = SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), ref_model=str(
                       args=args, processing_class=tokenizer, train_dataset=str(DEMO_TRAIN_CHAT))
 
 trained = []  # every micro-batch as the student trained on it, with the ratio the loss applied
-divergence = trainer._student_divergence
+divergence = trainer._divergence
 
 
-def recording_divergence(batch, teacher_hidden, token_count):
-    out = divergence(batch, teacher_hidden, token_count)
+def recording_divergence(batch, teacher_hidden, weights, stale=False):
+    out = divergence(batch, teacher_hidden, weights, stale)
     trained.append({"steps_done": trainer.step, "rollout_step": batch.rollout_step,
                     "ratio": None if out.ratio is None else out.ratio.detach().cpu(),
                     **{k: getattr(batch, k).cpu() for k in ("input_ids", "attention_mask", "completion_ids",
@@ -40,7 +40,7 @@ def recording_divergence(batch, teacher_hidden, token_count):
     return out
 
 
-trainer._student_divergence = recording_divergence
+trainer._divergence = recording_divergence
 weights = [engines.consolidated_state_dict(trainer.student)]  # the rollout of step 1 samples from these
 for _ in range(args.max_steps):
     trainer.train_step()

@@ -4,8 +4,8 @@
     deepspeed --num_gpus 2 tests/distributed/teacher_modes.py --out DIR
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -16,10 +16,10 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from sdft_ds import SDFTConfig, SDFTTrainer, engines
 from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import gathered_weights, max_difference, script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 student = str(model_dir("tiny-qwen2-student"))
 rank, _ = engines.init_distributed()
@@ -45,29 +45,24 @@ def trainer(ref_model=None, dataset=str(DEMO_TRAIN), **settings):
                        processing_class=tokenizer, train_dataset=dataset)
 
 
-def weights(engine):
-    return {k: v.double() for k, v in engines.consolidated_state_dict(engine).items()}
-
-
 # EMA: θ_T ← (1 − r)·θ_T + r·θ_S after the step, compared on gathered weights.
 for rate in (0.01, 1.0):
     ema = trainer(ref_model=str(perturbed), teacher_mode="ema", teacher_update_rate=rate)
-    teacher_before = weights(ema.teacher)
+    teacher_before = gathered_weights(ema.teacher)
     metrics = ema.train()
-    student_after, teacher_after = weights(ema.student), weights(ema.teacher)
+    student_after, teacher_after = gathered_weights(ema.student), gathered_weights(ema.teacher)
     if rank == 0:
         report[f"ema_{rate}_max_error"] = max(
             (teacher_after[k] - ((1 - rate) * teacher_before[k] + rate * student_after[k])).abs().max().item()
             for k in teacher_before)
-        report[f"ema_{rate}_teacher_moved"] = max((teacher_after[k] - teacher_before[k]).abs().max().item()
-                                                  for k in teacher_before)
+        report[f"ema_{rate}_teacher_moved"] = max_difference(teacher_after, teacher_before)
     report[f"ema_{rate}_syncs"] = metrics["teacher_syncs"]
 
 # EMA of a bf16 teacher runs in fp32 copies of its partitions: after two steps the teacher is the bf16 rounding of
 # the fp32 average, which an average kept in bf16 (r·(θ_S − θ_T) mostly below its resolution) misses.
 rate = 0.01
 bf16 = trainer(teacher_mode="ema", teacher_update_rate=rate, bf16=True, max_steps=2, learning_rate=1e-3)
-teacher_0 = weights(bf16.teacher)
+teacher_0 = gathered_weights(bf16.teacher)
 student_after = []
 for step in (1, 2):
     bf16.total_steps = step
@@ -88,14 +83,13 @@ if rank == 0:
 same = Dataset.from_dict({"prompt": ["Reverse the word 'cherry'."] * 4,
                           "teacher_prompt": ["Reverse the word 'cherry'."] * 4, "answer": ["yrrehc"] * 4})
 live = trainer(teacher_mode="live", max_steps=2, learning_rate=5e-2)
-student_before = weights(live.student)
+student_before = gathered_weights(live.student)
 live.train()
-student_after = weights(live.student)
+student_after = gathered_weights(live.student)
 report["live_teacher_is_student"] = live.teacher is live.student
 report["live_heldout_divergence"] = live.heldout_divergence(same)
 if rank == 0:
-    report["live_student_moved"] = max((student_after[k] - student_before[k]).abs().max().item()
-                                       for k in student_before)
+    report["live_student_moved"] = max_difference(student_after, student_before)
 
 # generate_from_teacher: the rollout is conditioned on teacher prompts; the student trains on its own prompts.
 from_teacher = trainer(ref_model=str(model_dir("tiny-qwen2-teacher")), generate_from_teacher=True)
@@ -105,7 +99,7 @@ from_teacher.rollout.generate = lambda request, sampling: seen.append(request.pr
     request, sampling)
 rows = from_teacher.sampler.next_round()
 from_teacher.sampler.rounds_done -= 1  # replay the same round through the trainer
-batches = from_teacher._generate_round()
+batches = from_teacher.generate_round()
 pad = tokenizer.pad_token_id
 
 
