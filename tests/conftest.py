@@ -1,33 +1,23 @@
-"""Shared test plumbing: CPU DeepSpeed environment, a 2-rank launcher, the shipped tiny assets."""
+"""Shared test plumbing: CPU DeepSpeed environment, a 2-rank launcher, the shipped tiny assets. Helpers that the
+tests/distributed scripts share too live in helpers.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port, remove_shm
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("SDFT_PROGRESS", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm(port: int) -> None:
-    # The deepspeed launcher leaves 66 MB shared-memory buffers per rank, named after the port.
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        f.unlink(missing_ok=True)
 
 
 def launch(command: list[str], timeout: int = 900, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:

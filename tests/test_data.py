@@ -4,8 +4,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from sdft_ds.assets import DEMO_TRAIN, DEMO_TRAIN_CHAT
-from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, tokenize_prompts, validate_rows,
-                          with_teacher_prompts)
+from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tokenizer, tokenize_prompts,
+                          validate_rows, with_teacher_prompts)
 
 
 def test_string_rows_tokenize_as_plain_text(tokenizer):
@@ -68,6 +68,16 @@ def test_empty_dataset_and_missing_pad_token(tokenizer):
     data = Dataset.from_dict({"prompt": ["x"], "teacher_prompt": ["y"]})
     with pytest.raises(ValueError, match="tokenizer.pad_token = tokenizer.eos_token"):
         tokenize_prompts(data, no_pad, 8, 8)
+
+
+def test_loaded_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path):
+    """What the command line and SDFTTrainer(model=<path>) load; a pad token it has is kept."""
+    no_pad = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token == tokenizer.eos_token
+    assert load_tokenizer(tokenizer.name_or_path).pad_token == tokenizer.pad_token
 
 
 def test_chat_rows_need_a_chat_template(tokenizer):

@@ -1,4 +1,4 @@
-"""sdft_ds.divergence against a naive full-logits reference written here (SPEC §2 formulas)."""
+"""sdft_ds.divergence against a naive full-logits reference (SPEC §2 formulas, `helpers.naive_divergence`)."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import naive_divergence
 from sdft_ds.divergence import LogitTransform, dense_divergence, linear_divergence, target_logprobs
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,30 +25,6 @@ TAUS = [1.0, 0.7]
 SUPPORTS = [("full", False), ("topk", False), ("topk", True)]
 N, V, H_S, H_T, K = 47, 123, 16, 24, 9  # N, V divisible by neither chunk below
 CHUNKS = dict(token_chunk=13, vocab_chunk=31)
-TAIL_CAP = math.exp(-1e-7)
-
-
-def naive_per_token(s, u, *, alpha, tau, mode="full", k=None, add_tail=False, y=None):
-    """D[t] from raw logits, spelled out: log_softmax, explicit KL / JSD sums, explicit tail bucket."""
-    ls, lt = F.log_softmax(s / tau, -1), F.log_softmax(u.detach() / tau, -1)
-    if mode == "sampled_token":
-        ls_y, lt_y = ls.gather(-1, y[:, None])[:, 0], lt.gather(-1, y[:, None])[:, 0]
-        return (ls_y - lt_y).detach() * ls_y
-    if mode == "topk":
-        idx = s.detach().topk(k, -1).indices
-        ls, lt = ls.gather(-1, idx), lt.gather(-1, idx)
-        if add_tail:  # the tail keeps at least 1 − e^{−1e−7} of the mass (SPEC's clamp)
-            ls = torch.cat([ls, torch.log1p(-ls.exp().sum(-1, keepdim=True).clamp(max=TAIL_CAP))], -1)
-            lt = torch.cat([lt, torch.log1p(-lt.exp().sum(-1, keepdim=True).clamp(max=TAIL_CAP))], -1)
-        else:
-            ls, lt = ls - ls.logsumexp(-1, keepdim=True), lt - lt.logsumexp(-1, keepdim=True)
-    S, T = ls.exp(), lt.exp()
-    if alpha == 0:
-        return (T * (lt - ls)).sum(-1)
-    if alpha == 1:
-        return (S * (ls - lt)).sum(-1)
-    log_m = torch.log((1 - alpha) * S + alpha * T)
-    return alpha * (T * (lt - log_m)).sum(-1) + (1 - alpha) * (S * (ls - log_m)).sum(-1)
 
 
 def make_inputs(dtype=torch.float64, seed=0, n=N, v=V):
@@ -77,7 +54,7 @@ def naive_linear(x, *, alpha, tau, mode="full", k=None, add_tail=False, rollout=
     s, u = s * scale, u * scale
     if softcap is not None:
         s, u = softcap * torch.tanh(s / softcap), softcap * torch.tanh(u / softcap)
-    per_token = naive_per_token(s, u, alpha=alpha, tau=tau, mode=mode, k=k, add_tail=add_tail, y=x["y"])
+    per_token = naive_divergence(s, u, alpha=alpha, tau=tau, mode=mode, k=k, add_tail=add_tail, y=x["y"])
     ls = F.log_softmax(s.detach() / tau, -1)
     target_logprob = ls.gather(-1, x["y"][:, None])[:, 0]
     weights = x["weights"].double()
@@ -229,7 +206,7 @@ def test_dense_divergence_matches_naive(alpha, tau, mode, add_tail):
     d = dense_divergence(s, u, alpha=alpha, temperature=tau, mode=mode, top_k=K, add_tail=add_tail, target_ids=y)
     (grad,) = torch.autograd.grad(d.sum(), s)
     s_ref = s.detach().requires_grad_()
-    ref = naive_per_token(s_ref, u, alpha=alpha, tau=tau, mode=mode, k=K, add_tail=add_tail, y=y)
+    ref = naive_divergence(s_ref, u, alpha=alpha, tau=tau, mode=mode, k=K, add_tail=add_tail, y=y)
     (grad_ref,) = torch.autograd.grad(ref.sum(), s_ref)
     torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
@@ -285,7 +262,7 @@ def test_tied_weights_accumulate():
 
     kw = dict(alpha=0.3, temperature=0.7)
     got = grads(lambda h: linear_divergence(h, w, x["h_t"], x["w_t"], x["weights"], **kw, **CHUNKS).loss)
-    want = grads(lambda h: (x["weights"] * naive_per_token(h @ w.T, x["h_t"] @ x["w_t"].T, alpha=0.3, tau=0.7)).sum())
+    want = grads(lambda h: (x["weights"] * naive_divergence(h @ w.T, x["h_t"] @ x["w_t"].T, alpha=0.3, tau=0.7)).sum())
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -324,12 +301,8 @@ def test_bf16_close_to_fp64(alpha, mode, add_tail, chunked):
                      **CHUNKS)
     assert got["per_token"].dtype == torch.float32 and got["grad_w"].dtype == torch.bfloat16
     got["per_token"], want["per_token"] = got["per_token"][clear], want["per_token"][clear]
-
-    def rel(a, b):
-        return float((a.detach().double() - b).norm() / b.norm())
-
     for name in ["loss", "per_token", "entropy", "grad_h", "grad_w"]:
-        assert rel(got[name], want[name]) < BF16_RTOL, (name, rel(got[name], want[name]))
+        assert _rel(got[name], want[name]) < BF16_RTOL, (name, _rel(got[name], want[name]))
 
 
 class _LargestOutput(TorchDispatchMode):

@@ -5,13 +5,12 @@ loss and per-token values must be identical on both ranks, grad_h complete on ea
 slices must concatenate to the single-process grad_W.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from sdft_ds.divergence import linear_divergence
 
 WORLD = 2
@@ -69,10 +68,7 @@ def _rank(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -4,11 +4,11 @@ README's demo command, and launch/train.py with a recipe."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO
+from helpers import free_port, shm_buffers
 
 
 def test_quickstart_runs_as_a_plain_single_process_script(tmp_path):
@@ -30,4 +30,4 @@ def test_demo_command_trains_and_reports_where_the_model_went(tmp_path):
     assert f"trained model saved to {out}" in done.stdout
     assert "held-out divergence" in done.stdout
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not shm_buffers(port)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, launch, read_reports
+from conftest import REPO, launch, read_reports
+from helpers import free_port, remove_shm
 
 pytestmark = pytest.mark.multirank
 
@@ -50,8 +51,7 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+        remove_shm(port)
     log = "".join(lines)
     assert process.returncode != 0, log[-4000:]
     assert "stopped by signal 15" in log, log[-4000:]
@@ -71,8 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
         done = subprocess.run(_train_command(port, out, "--resume_from_checkpoint", "latest"), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
     finally:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+        remove_shm(port)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert f"optimizer steps {stopped_at} -> 12" in done.stdout + done.stderr
     assert "step 12:" in done.stdout and f"step {stopped_at}:" not in done.stdout

@@ -1,28 +1,18 @@
 """One step on 2 ranks after a rollout (chunked divergence fused into the output layer) equals one plain-PyTorch
 step of the naive dense loss on the same global batch — tied and untied output embeddings, ZeRO-3 and ZeRO-2
 with CPU-Adam offload, ZeRO-1 and ZeRO-0 (the teacher then unpartitioned by default), one or two micro-batches
-per rank, per-sequence and global per-token normalisation."""
+per rank, per-sequence and global per-token normalisation; and once with divergence_impl="dense", the full-logits
+reference path that users may run to check the chunked one."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import launch
+from helpers import max_difference, naive_divergence
 from sdft_ds.assets import model_dir
 
 pytestmark = pytest.mark.multirank
-
-
-def naive_divergence(student_logits, teacher_logits, alpha):
-    """SPEC §2 written out, in float64."""
-    log_s, log_t = student_logits.double().log_softmax(-1), teacher_logits.double().log_softmax(-1)
-    s, t = log_s.exp(), log_t.exp()
-    if alpha == 0:
-        return (t * (log_t - log_s)).sum(-1)
-    if alpha == 1:
-        return (s * (log_s - log_t)).sum(-1)
-    log_m = ((1 - alpha) * s + alpha * t).log()
-    return alpha * (t * (log_t - log_m)).sum(-1) + (1 - alpha) * (s * (log_s - log_m)).sum(-1)
 
 
 def completion_logits(model, ids, mask, start, length):
@@ -52,28 +42,30 @@ def reference_step(student, teacher, batches, alpha, normalization, scale=1.0):
                 teacher_logits = completion_logits(teacher, b["teacher_input_ids"], b["teacher_attention_mask"],
                                                    int(b["teacher_start"]), length)
             student_logits = completion_logits(model, b["input_ids"], b["attention_mask"], int(b["start"]), length)
-            out.append(naive_divergence(student_logits, teacher_logits, alpha))
+            out.append(naive_divergence(student_logits, teacher_logits, alpha=alpha))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, eps=1.0, weight_decay=0.0)
     (scale * global_loss(per_token, masks, normalization)).backward()
     optimizer.step()
     return model.state_dict()
 
 
-def max_difference(a, b):
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
-
-
-@pytest.mark.parametrize("student, alpha, ds_config, accumulation, normalization", [
+CHUNKED = [  # student, alpha, ds_config, accumulation, normalization
     ("tiny-qwen2-student", 0.0, "zero3_offload.json", 1, "sequence"),
     ("tiny-llama", 0.5, "zero3_offload.json", 1, "sequence"),
     ("tiny-llama", 0.0, "zero2_offload.json", 1, "sequence"), ("tiny-qwen2-student", 0.0, "zero1.json", 1, "sequence"),
     ("tiny-qwen2-student", 0.5, "zero0.json", 1, "sequence"),
     ("tiny-qwen2-student", 0.0, "zero3_offload.json", 2, "token"),
-    ("tiny-llama", 0.0, "zero3_offload.json", 2, "sequence")])
+    ("tiny-llama", 0.0, "zero3_offload.json", 2, "sequence")]
+DENSE = [("tiny-llama", 0.5, "zero3_offload.json", 1, "sequence")]  # untied head, JSD, partitioned weight
+
+
+@pytest.mark.parametrize("student, alpha, ds_config, accumulation, normalization, impl",
+                         [(*case, "chunked") for case in CHUNKED] + [(*case, "dense") for case in DENSE])
 def test_step_matches_single_process_dense_reference(tmp_path, student, alpha, ds_config, accumulation,
-                                                     normalization):
+                                                     normalization, impl):
     launch(["tests/distributed/one_step.py", "--out", str(tmp_path), "--student", student, "--alpha", str(alpha),
-            "--deepspeed", ds_config, "--accumulation", str(accumulation), "--normalization", normalization])
+            "--deepspeed", ds_config, "--accumulation", str(accumulation), "--normalization", normalization,
+            "--impl", impl])
     saved = torch.load(tmp_path / "step.pt")
     model = AutoModelForCausalLM.from_pretrained(model_dir(student), dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir("tiny-qwen2-teacher"), dtype=torch.float32)

@@ -5,8 +5,8 @@ and rows that stop at EOS at different steps; then training steps that sample th
     deepspeed --num_gpus 1 tests/distributed/compiled_generation.py --out DIR
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,10 +19,10 @@ from sdft_ds.assets import DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
 from sdft_ds.data import left_pad
 from sdft_ds.rollout import HFGenerateRollout, split_completions
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 trainer = SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), ref_model=str(model_dir("tiny-qwen2-teacher")),
                       args=SDFTConfig(output_dir=str(out / "run"), per_device_train_batch_size=4, max_steps=3,

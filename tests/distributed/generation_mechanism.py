@@ -5,9 +5,9 @@ invalidations) and at torch.distributed's all-gather. Each rank writes report-ra
     deepspeed --num_gpus 2 tests/distributed/generation_mechanism.py --out DIR
 """
 
-import argparse
 import collections
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,10 +21,10 @@ from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
 from sdft_ds.data import left_pad
 from sdft_ds.rollout import HFGenerateRollout
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import script_out  # noqa: E402
+
+out = script_out()
 
 counts: collections.Counter = collections.Counter()
 
@@ -99,9 +99,9 @@ trainer.rollout.generate = generate_counted
 steps, completion_tokens = [], []
 for _ in range(config.max_steps):
     trainer.queue.clear()  # a fresh rollout every step
-    tokens_before = trainer.window.sums["length"]
-    steps.append(counted(trainer.train_step))
-    completion_tokens.append(trainer.window.sums["length"] - tokens_before)
+    result = {}
+    steps.append(counted(lambda: result.update(trainer.train_step())))
+    completion_tokens.append(result["completion_tokens"])
 report.update(steps=steps, in_generation=in_generation, completion_tokens=completion_tokens)
 coordinator = trainer.student.optimizer.parameter_offload.get_param_coordinator()
 report["trace_complete"] = coordinator.is_complete_trace()

@@ -6,10 +6,10 @@ Run A saves step-2 and step-4, then (as if it had gone on) step-10 and step-12. 
 save_steps=1 and save_total_limit=2; rank 0 writes report-rank0.json with the folders left and the warnings.
 """
 
-import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -17,10 +17,10 @@ from transformers import AutoTokenizer
 from sdft_ds import SDFTConfig, SDFTTrainer
 from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 checkpoints = out / "checkpoints"
 

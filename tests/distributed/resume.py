@@ -7,20 +7,20 @@ and trains steps 3-4. A generated batch serves 3 steps, so the checkpoint holds 
 and the EMA teacher (made from the student's checkpoint) carries state of its own.
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from sdft_ds import SDFTConfig, SDFTTrainer, engines
+from sdft_ds import SDFTConfig, SDFTTrainer
 from sdft_ds.assets import DEMO_TRAIN_CHAT, TOKENIZER_DIR, model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import gathered_weights, max_difference, script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
@@ -33,28 +33,21 @@ def trainer(output_dir, **settings):
                        train_dataset=str(DEMO_TRAIN_CHAT))
 
 
-def weights(engine):
-    return {k: v.double() for k, v in engines.consolidated_state_dict(engine).items()}
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a) if a else 0.0
-
-
 straight = trainer(out / "a")
 straight.train()
-student_a, teacher_a = weights(straight.student), weights(straight.teacher)
+student_a, teacher_a = gathered_weights(straight.student), gathered_weights(straight.teacher)
 
 resumed = trainer(out / "b", resume_from_checkpoint=str(out / "a" / "checkpoints" / "step-2"))
-student_start, teacher_start = weights(resumed.student), weights(resumed.teacher)  # train() loads the checkpoint
+# as built, before train() loads the checkpoint
+student_start, teacher_start = gathered_weights(resumed.student), gathered_weights(resumed.teacher)
 resumed.train()
 rank = resumed.rank
 saved = torch.load(out / "a" / "checkpoints" / "step-2" / f"sdft_state-rank{rank}.pt", weights_only=False)
 report = {"steps": resumed.step, "saved_rollouts_left": len(saved["queue"]),
           "saved_rollout_step": saved["queue"][0]["rollout_step"],
-          "student_difference": max_difference(student_a, weights(resumed.student)),
+          "student_difference": max_difference(student_a, gathered_weights(resumed.student)),
           "student_moved": max_difference(student_a, student_start),
-          "teacher_difference": max_difference(teacher_a, weights(resumed.teacher)),
+          "teacher_difference": max_difference(teacher_a, gathered_weights(resumed.teacher)),
           "teacher_moved": max_difference(teacher_a, teacher_start),
           "latest": (out / "a" / "checkpoints" / "latest").read_text().strip()}
 (out / f"report-rank{rank}.json").write_text(json.dumps(report, indent=1))

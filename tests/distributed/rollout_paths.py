@@ -4,23 +4,23 @@ the same prompts and weights, for a Qwen2 and a Llama student; each rank writes 
     deepspeed --num_gpus 2 tests/distributed/rollout_paths.py --out DIR
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 from transformers import AutoTokenizer
 
-from sdft_ds import SDFTConfig, SDFTTrainer, engines
+from sdft_ds import SDFTConfig, SDFTTrainer
 from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
 from sdft_ds.data import left_pad
 from sdft_ds.rollout import HFGenerateRollout
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
-parser.add_argument("--local_rank", type=int, default=-1)
-out = Path(parser.parse_args().out)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import script_out  # noqa: E402
+
+out = script_out()
 tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 report: dict = {}
 
