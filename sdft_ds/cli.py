@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -46,10 +45,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _converter(annotation):
-    """argparse type for a dataclass field annotation (`int | None`, `str | dict | None`, ...). An optional
-    field takes `none` or `null`, so the command line can clear what a recipe set."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**vars(typing), **vars(types)})  # from __future__ annotations
+    """argparse type for a dataclass field's evaluated annotation (`int | None`, `str | dict | None`, ...). An
+    optional field takes `none` or `null`, so the command line can clear what a recipe set."""
     members = set(typing.get_args(annotation))
     options = members - {type(None)} or {annotation}
     if dict in options:
@@ -74,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     for cls in (ScriptArguments, SDFTConfig):
         group = parser.add_argument_group(cls.__name__)
+        hints = typing.get_type_hints(cls)  # the annotations are strings (from __future__ import annotations)
         for f in fields(cls):
-            group.add_argument(f"--{f.name}", type=_converter(f.type), default=argparse.SUPPRESS,
+            group.add_argument(f"--{f.name}", type=_converter(hints[f.name]), default=argparse.SUPPRESS,
                                help=f.metadata.get("help", ""))
     return parser
 
@@ -106,15 +104,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SDFTConf
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, config = parse_args(argv)
-    from transformers import AutoTokenizer
-
+    from sdft_ds.data import load_prompt_dataset, load_tokenizer  # here: `--help` and recipe checks need no torch
     from sdft_ds.trainer import SDFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(script.tokenizer_name_or_path or script.model_name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    from sdft_ds.data import load_prompt_dataset
-
+    tokenizer = load_tokenizer(script.tokenizer_name_or_path or script.model_name_or_path)
     dataset = load_prompt_dataset(script.dataset_name, script.dataset_split)
     trainer = SDFTTrainer(model=script.model_name_or_path, ref_model=script.ref_model_name_or_path, args=config,
                           processing_class=tokenizer, train_dataset=dataset)

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdft_ds.divergence_defaults import MODES as DISTILLATION_MODES
+from sdft_ds.divergence_defaults import TOKEN_CHUNK, VOCAB_CHUNK
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 TEACHER_MODES = ("frozen", "ema", "live")
-DISTILLATION_MODES = ("full", "topk", "sampled_token")
 LOSS_NORMALIZATIONS = ("sequence", "token")
 DIVERGENCE_IMPLS = ("chunked", "dense")
 ROLLOUT_PATHS = ("auto", "hybrid_engine", "gather_once", "per_layer")
@@ -132,13 +134,15 @@ class SDFTConfig:
                                          default=0)
     loss_normalization: str = _help("sequence: mean over each sequence's tokens, then over sequences; "
                                     "token: sum over the global batch's tokens / their count.", default="sequence")
-    divergence_impl: str = _help("chunked (memory-bounded, default) | dense (full logits; test oracle).",
-                                 default="chunked")
-    divergence_token_chunk: int = _help("Tokens per tile of the chunked divergence (128 × a 152k vocabulary "
-                                        "is a 78 MB fp32 tile).", default=128)
+    divergence_impl: str = _help("chunked (default): the fused divergence, one token_chunk × vocab_chunk tile of "
+                                 "logits at a time. dense: the reference path for checking the chunked one on your "
+                                 "model and settings; it holds the full [tokens × vocabulary] logits and their "
+                                 "gradient (memory O(N·V)).", default="chunked")
+    divergence_token_chunk: int = _help("Tokens per tile of the chunked divergence (the default × a 152k "
+                                        "vocabulary is a 78 MB fp32 tile).", default=TOKEN_CHUNK)
     divergence_vocab_chunk: int = _help("Vocabulary entries per tile; the default covers a whole 150k-260k "
                                         "vocabulary in one tile, which benchmarks/divergence.py measured "
-                                        "fastest at the same bounded memory.", default=262_144)
+                                        "fastest at the same bounded memory.", default=VOCAB_CHUNK)
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:

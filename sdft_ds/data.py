@@ -100,6 +100,17 @@ def validate_rows(dataset) -> None:
         _check_text(teacher_prompt, "teacher_prompt", row)
 
 
+def load_tokenizer(name_or_path):
+    """A tokenizer by path or hub name; one without a pad token pads with its EOS (the mask ends at the first EOS,
+    so pad = EOS is safe)."""
+    from transformers import AutoTokenizer  # here: `import sdft_ds.data` need not load transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def check_tokenizer(tokenizer) -> None:
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token. Set one before training, e.g. "

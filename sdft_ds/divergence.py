@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-MODES = ("full", "topk", "sampled_token")
+from sdft_ds.divergence_defaults import MODES, TOKEN_CHUNK, VOCAB_CHUNK  # torch-free: SDFTConfig's defaults too
 
 
 class LogitTransform(NamedTuple):
@@ -579,7 +579,8 @@ def _dense_linear(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config) ->
 
 
 def target_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *, temperature: float = 1.0,
-                    head: LogitTransform = IDENTITY, token_chunk: int = 128, vocab_chunk: int = 262_144) -> Tensor:
+                    head: LogitTransform = IDENTITY, token_chunk: int = TOKEN_CHUNK,
+                    vocab_chunk: int = VOCAB_CHUNK) -> Tensor:
     """log S(target_ids[t]) [N] for hidden states [N, H] and an output weight [V, H], chunked like
     `linear_divergence`, without autograd (fp32; fp64 for fp64 inputs)."""
     _check_shape("weight", weight, (weight.shape[0], hidden.shape[1]))
@@ -612,8 +613,8 @@ def linear_divergence(
     rollout_logprobs: Tensor | None = None,
     is_clip: float | None = None,
     chunked: bool = True,
-    token_chunk: int = 128,
-    vocab_chunk: int = 262_144,
+    token_chunk: int = TOKEN_CHUNK,
+    vocab_chunk: int = VOCAB_CHUNK,
     process_group=None,
     student_head: LogitTransform = IDENTITY,
     teacher_head: LogitTransform = IDENTITY,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import os
 import socket
 import warnings
@@ -25,8 +24,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, set_hf_deepspeed_config
-
-logger = logging.getLogger(__name__)
 
 # DeepSpeed 0.19.8 calls collectives that torch 2.13 deprecates; one warning per step drowns the logs.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "

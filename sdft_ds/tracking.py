@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import math
 import os
 import time
@@ -15,8 +14,6 @@ import time
 import torch
 
 from sdft_ds import engines
-
-logger = logging.getLogger("sdft_ds")
 
 PHASES = ("generation", "teacher_forward", "student_forward", "backward", "optimizer_step", "teacher_sync",
           "checkpoint")

@@ -15,12 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from sdft_ds import checkpoint, engines, models
 from sdft_ds.batch import MicroBatch, loss_tokens, micro_batch, right_pad, token_weights
 from sdft_ds.config import SDFTConfig
-from sdft_ds.data import PromptSampler, left_pad, load_prompt_dataset, tokenize_prompts, with_teacher_prompts
+from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tokenizer, tokenize_prompts,
+                          with_teacher_prompts)
 from sdft_ds.divergence import DivergenceOutput, linear_divergence, target_logprobs
 from sdft_ds.rollout import build_rollout, sample, sampling_config
 from sdft_ds.tracking import PhaseClock, StepStats, make_tracker
@@ -105,10 +106,7 @@ class SDFTTrainer:
     def _load_tokenizer(model):
         if isinstance(model, PreTrainedModel):
             raise ValueError("processing_class (the tokenizer) is required when model is a model object.")
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return load_tokenizer(model)
 
     def _build_teacher(self, ref_model, teacher_config, student_stage: int):
         """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student."""
