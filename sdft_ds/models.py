@@ -53,15 +53,21 @@ def check_pair(student_config, teacher_config, tokenizer, ref_model, teacher_mod
                          f"{_architecture_key(teacher_config)}. Use teacher_mode='frozen' or drop ref_model.")
 
 
+def _softcapped(c) -> LogitTransform:
+    return LogitTransform(softcap=c.final_logit_softcapping)
+
+
+def _scaled(c) -> LogitTransform:
+    return LogitTransform(scale=c.logit_scale)
+
+
+def _divided(c) -> LogitTransform:  # Granite divides...
+    return LogitTransform(scale=1 / c.logits_scaling)
+
+
 # Output layers that do more than logits = h·Wᵀ, and what they do (transformers 5: modeling_<type>.py).
-_TRANSFORMS = {
-    "gemma2": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
-    "gemma3_text": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
-    "cohere": lambda c: LogitTransform(scale=c.logit_scale),
-    "cohere2": lambda c: LogitTransform(scale=c.logit_scale),
-    "granite": lambda c: LogitTransform(scale=1 / c.logits_scaling),  # Granite divides...
-    "granitemoe": lambda c: LogitTransform(scale=1 / c.logits_scaling),
-}
+_TRANSFORMS = {"gemma2": _softcapped, "gemma3_text": _softcapped, "cohere": _scaled, "cohere2": _scaled,
+               "granite": _divided, "granitemoe": _divided}
 # ...and HyperCLOVA X multiplies by an attribute of the same name: these names alone do not say what to do.
 _LOGIT_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                      "lm_head_multiplier")
