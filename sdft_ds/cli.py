@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, config = parse_args(argv)
     from sdft_ds.data import load_prompt_dataset, load_tokenizer  # here: `--help` and recipe checks need no torch
+    from sdft_ds import engines
     from sdft_ds.trainer import SDFTTrainer
 
     tokenizer = load_tokenizer(script.tokenizer_name_or_path or script.model_name_or_path)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     before = trainer.heldout_divergence(script.eval_dataset_name) if script.eval_dataset_name else None
     trainer.train()
     if trainer.stop_signal:  # a checkpoint was saved; the run is not finished, so nothing is exported
+        engines.shutdown()
         sys.exit(128 + trainer.stop_signal)
     after = trainer.heldout_divergence(script.eval_dataset_name) if script.eval_dataset_name else None
     output_dir = trainer.save_model()
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         if before is not None:
             print(f"held-out divergence (alpha={config.distillation_alpha}): before {before:.4f} -> after {after:.4f}")
         print(f"trained model saved to {Path(output_dir).resolve()}")
+    engines.shutdown()
     sys.stdout.flush()
 
 

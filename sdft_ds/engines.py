@@ -86,6 +86,19 @@ def side_group(timeout_s: float):
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits (PyTorch asks for it; an implicit teardown at exit
+    can abort a run that has finished)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def release_group(group) -> None:
+    """Tear a side group down as soon as it has served: a gloo group left to interpreter exit can abort the
+    process ("terminate called without an active exception", seen once in CI after a successful run)."""
+    dist.destroy_process_group(group)
+
+
 def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return value

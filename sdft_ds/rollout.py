@@ -217,6 +217,7 @@ class ValidatedRollout(RolloutEngine):
                 f"{self.fast.name} generation failed on some ranks and the others did not reach the verdict within "
                 f"{self.timeout_s:.0f} s (they are most likely waiting in one of its collectives). Set "
                 "rollout_path='gather_once' to skip it.") from error
+        engines.release_group(self.verdicts)  # one verdict per run
         return float(disagreements) == 0.0
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:
