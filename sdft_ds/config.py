@@ -6,7 +6,11 @@ self-distillation fields, so that recipes written for those read the same here.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import numbers
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,10 +25,90 @@ TEACHER_MODES = ("frozen", "ema", "live")
 LOSS_NORMALIZATIONS = ("sequence", "token")
 DIVERGENCE_IMPLS = ("chunked", "dense")
 ROLLOUT_PATHS = ("auto", "hybrid_engine", "gather_once", "per_layer")
+# transformers schedulers that get_scheduler cannot build or step with only warm-up and total steps: they need
+# lr_scheduler_kwargs or a metric at each step, which sdft_ds does not pass.
+SCHEDULERS_NEEDING_ARGUMENTS = ("reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                                "warmup_stable_decay")
+DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size")  # DeepSpeed refuses a config with neither
 
 
 def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "a dict",
+               type(None): "None"}
+
+
+def field_types(annotation) -> set[type]:
+    """The types a field's evaluated annotation allows: `int | None` -> {int, NoneType}."""
+    return set(typing.get_args(annotation)) or {annotation}
+
+
+def describe(kinds: set[type]) -> str:
+    """`{int, NoneType}` -> "an integer or None"."""
+    return " or ".join(_TYPE_WORDS[k] for k in sorted(kinds, key=list(_TYPE_WORDS).index))
+
+
+def _as_field_type(name: str, value, kinds: set[type]):
+    """`value` as its field's type, or a ValueError naming both: an int field takes an integral number (2.0 -> 2)
+    and a float field any finite number; a bool is no number here and nothing else is converted."""
+    if value is None:
+        if type(None) in kinds:
+            return None
+    elif isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, numbers.Real) and (float in kinds or int in kinds):
+        if float in kinds and math.isfinite(value):
+            return float(value)
+        if float not in kinds and float(value).is_integer():
+            return int(value)
+    elif isinstance(value, tuple(kinds - {bool, int, float, type(None)})):
+        return value
+    raise ValueError(f"{name} must be {describe(kinds)}, got {value!r} ({type(value).__name__}).")
+
+
+def read_ds_config(source: str | dict, role: str | None = None) -> dict:
+    """A DeepSpeed config (a JSON file or a dict) checked for what DeepSpeed would otherwise refuse only while it
+    builds an engine: a JSON object, a batch size key, NVMe offload to an existing folder. `role` (student or
+    teacher) names the setting in the messages."""
+    where = f"The {role} DeepSpeed config ({'deepspeed' if role == 'student' else 'teacher_deepspeed'})" if role \
+        else "The DeepSpeed config"
+    if isinstance(source, dict):
+        config = json.loads(json.dumps(source))  # a deep copy that DeepSpeed's filling cannot alias
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where} {str(source)!r} does not exist; pass a path to a JSON file such as "
+                                    "ds_configs/zero3_offload.json.")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} {str(source)!r} is not valid JSON: {error}. Fix the file, or start from one "
+                             "in ds_configs/.") from None
+        where = f"{where} {str(source)!r}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must be a JSON object of DeepSpeed settings, not {type(config).__name__}.")
+    if not any(key in config for key in DS_BATCH_KEYS):
+        raise ValueError(f"{where} sets neither {' nor '.join(DS_BATCH_KEYS)}, and DeepSpeed needs one; add "
+                         '"train_micro_batch_size_per_gpu": "auto" (filled from per_device_train_batch_size), as '
+                         "the files in ds_configs/ do.")
+    zero = config.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        offload = zero.get(key) or {}
+        if offload.get("device") == "nvme" and not Path(str(offload.get("nvme_path"))).is_dir():
+            raise ValueError(f"{where} offloads to NVMe (zero_optimization.{key}.device = nvme) but its "
+                             f"zero_optimization.{key}.nvme_path = {offload.get('nvme_path')!r} is no existing "
+                             "folder. Create it on a fast local disk and point nvme_path at it, or offload to "
+                             '"cpu".')
+    return config
+
+
+@functools.cache
+def _field_kinds() -> dict[str, set[type]]:
+    hints = typing.get_type_hints(SDFTConfig)  # the annotations are strings (from __future__ import annotations)
+    return {f.name: field_types(hints[f.name]) for f in fields(SDFTConfig)}
 
 
 @dataclass
@@ -49,8 +133,9 @@ class SDFTConfig:
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     logging_steps: int = _help("Log metrics every this many optimizer steps.", default=10)
-    save_steps: int = _help("Write a resumable DeepSpeed checkpoint every this many optimizer steps "
-                            "(0: only at the end).", default=0)
+    save_steps: int = _help("Write a resumable DeepSpeed checkpoint every this many optimizer steps; 0: none "
+                            "except on SIGTERM/SIGUSR1. The trained model is exported at the end either way.",
+                            default=0)
     seed: int = _help("Seed of data order, sampling and initialisation.", default=42)
     bf16: bool = _help("Train in bfloat16 (fills `bf16.enabled: auto`).", default=False)
     fp16: bool = _help("Train in float16 (fills `fp16.enabled: auto`).", default=False)
@@ -72,6 +157,11 @@ class SDFTConfig:
                                                "`step-N` folders, or `latest` for <output_dir>/checkpoints. Needs "
                                                "the same number of ranks and settings.", default=None)
     save_on_each_node: bool = _help("Write checkpoints on every node's local disk.", default=False)
+    overwrite_output_dir: bool = _help("Start afresh in an output_dir that holds an earlier run's checkpoints, "
+                                       "deleting them (without it such a run is refused, so that a later resume "
+                                       "cannot continue the wrong run).", default=False)
+    max_consecutive_nonfinite: int = _help("Stop after this many optimizer steps in a row with a non-finite loss or "
+                                           "gradients (each is skipped on every rank).", default=10)
     push_to_hub: bool = _help("Push the final model to the Hub at the end of train().", default=False)
     hub_model_id: str | None = _help("Hub repository for push_to_hub().", default=None)
     hub_private_repo: bool = _help("Create the Hub repository as private.", default=False)
@@ -145,6 +235,9 @@ class SDFTConfig:
                                         "fastest at the same bounded memory.", default=VOCAB_CHUNK)
 
     def __post_init__(self) -> None:
+        for name, kinds in _field_kinds().items():  # first: every later check compares numbers
+            setattr(self, name, _as_field_type(name, getattr(self, name), kinds))
+
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
@@ -158,7 +251,7 @@ class SDFTConfig:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
                     "max_teacher_prompt_length", "max_completion_length", "num_generations", "num_iterations",
                     "teacher_sync_steps", "logging_steps", "divergence_token_chunk", "divergence_vocab_chunk",
-                    "distillation_topk")
+                    "distillation_topk", "max_consecutive_nonfinite")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -177,8 +270,25 @@ class SDFTConfig:
             raise ValueError(f"distillation_is_clip must be > 0 or None, got {self.distillation_is_clip}.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be at least 1 or None, got {self.save_total_limit}.")
-        if self.num_loss_tokens_to_skip < 0:
-            raise ValueError(f"num_loss_tokens_to_skip must be >= 0, got {self.num_loss_tokens_to_skip}.")
+        non_negative = ("num_loss_tokens_to_skip", "save_steps", "warmup_steps", "top_k", "weight_decay",
+                        "max_grad_norm", "adam_epsilon", "num_train_epochs")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}: a negative rate climbs the "
+                             "loss, and Adam steps of 1 or more per weight turn a pretrained model into noise that "
+                             "still trains with finite numbers. The paper uses 1e-5.")
+        if self.max_steps < 1 and self.max_steps != -1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to derive them from "
+                             f"num_train_epochs; got {self.max_steps}.")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio is a fraction of the optimizer steps and must be in [0, 1], got "
+                             f"{self.warmup_ratio}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        self._check_scheduler()
         if self.num_loss_tokens_to_skip >= self.max_completion_length:
             raise ValueError(f"num_loss_tokens_to_skip={self.num_loss_tokens_to_skip} leaves no completion token "
                              f"in the loss with max_completion_length={self.max_completion_length}.")
@@ -207,6 +317,22 @@ class SDFTConfig:
                              "or 'auto', or drop compile_generation.")
         if self.report_to not in ("none", "wandb"):
             raise ValueError(f"report_to={self.report_to!r} is not supported; use 'none' or 'wandb'.")
+        # the files the user named are read now, not when the engines are built (the teacher's after the student's)
+        if self.deepspeed is not None:
+            read_ds_config(self.deepspeed, "student")
+        if self.teacher_deepspeed is not None:
+            read_ds_config(self.teacher_deepspeed, "teacher")
+
+    def _check_scheduler(self) -> None:
+        from transformers import SchedulerType  # here: importing sdft_ds.config stays free of torch
+
+        names = [s.value for s in SchedulerType if s.value not in SCHEDULERS_NEEDING_ARGUMENTS]
+        if self.lr_scheduler_type in SCHEDULERS_NEEDING_ARGUMENTS:
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r} needs lr_scheduler_kwargs or a metric at "
+                             f"each step, which sdft_ds does not pass; choose one of {', '.join(names)}.")
+        if self.lr_scheduler_type not in names:
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r} is no transformers scheduler; choose one "
+                             f"of {', '.join(names)}.")
 
     @property
     def prompts_per_generation(self) -> int:

@@ -39,10 +39,33 @@ def load_prompt_dataset(source, split: str = "train") -> Dataset:
             kinds = {LOCAL_FORMATS[f.suffix] for f in files}
             if len(kinds) > 1:
                 raise ValueError(f"{source!r} mixes file formats {sorted(kinds)}; use one format.")
+            empty = {f: why for f in files if (why := _no_rows(f))}
+            if len(empty) == len(files):  # datasets' words for it: a bare StopIteration, or "corresponds to no data"
+                raise ValueError("No prompt rows: " + "; ".join(f"{f} {why}" for f, why in empty.items()) + ". Add "
+                                 "rows with 'prompt' and 'teacher_prompt' (one JSON object per line in a .jsonl).")
             return load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
         return load_dataset(str(source), split=split)
     raise TypeError(f"train_dataset must be a datasets.Dataset, DatasetDict, path or hub name; got "
                     f"{type(source).__name__}.")
+
+
+def _no_rows(file: Path) -> str | None:
+    """Why a local data file holds no rows, or None."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq  # datasets' own dependency
+
+        return "has no rows" if pq.ParquetFile(file).metadata.num_rows == 0 else None
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        head = handle.read(1 << 16)
+    whole = len(head) < 1 << 16  # the rules below hold only if the whole file was read
+    lines = [line for line in head.splitlines() if line.strip()]
+    if whole and not lines:
+        return "is empty"
+    if whole and file.suffix == ".csv" and len(lines) == 1:
+        return "has a header line but no rows"
+    if "".join(head.split()) == "[]":
+        return "is an empty JSON list"
+    return None
 
 
 def is_conversation(value) -> bool:
@@ -57,12 +80,18 @@ def _check_text(value, column: str, row: int) -> None:
     if isinstance(value, list):
         if not value:
             raise ValueError(f"Row {row}: column {column!r} is an empty conversation.")
-        for message in value:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"Row {row}: column {column!r} must be a list of {{'role', 'content'}} "
-                                 f"messages; found {message!r}.")
+        for i, message in enumerate(value):
+            # Dataset.from_list gives every message all the keys any message has, None where it had none
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or message.get("content") is None:
+                raise ValueError(f"Row {row}: column {column!r} must be a list of {{'role', 'content'}} messages; "
+                                 f"message {i} is {message!r}. Give every message a role and a content.")
         if not any(str(m["content"]).strip() for m in value):
             raise ValueError(f"Row {row}: column {column!r} has only empty messages.")
+        if value[-1]["role"] == "assistant":
+            raise ValueError(f"Row {row}: column {column!r} ends with an assistant message, so the model would be "
+                             "asked to continue an assistant turn instead of answering. End the prompt with the "
+                             "user's turn (the answer, if any, belongs in privileged_context or answer).")
         return
     raise ValueError(f"Row {row}: column {column!r} must be a string or a list of chat messages, not "
                      f"{type(value).__name__}.")
@@ -94,18 +123,25 @@ def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
 def validate_rows(dataset) -> None:
     """`dataset`: anything with `prompt` and `teacher_prompt` columns (a Dataset, a dict of lists)."""
     if len(dataset["prompt"]) == 0:
-        raise ValueError("The training dataset is empty.")
+        raise ValueError("The dataset is empty.")
     for row, (prompt, teacher_prompt) in enumerate(zip(dataset["prompt"], dataset["teacher_prompt"])):
         _check_text(prompt, "prompt", row)
         _check_text(teacher_prompt, "teacher_prompt", row)
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, role: str = "tokenizer"):
     """A tokenizer by path or hub name; one without a pad token pads with its EOS (the mask ends at the first EOS,
-    so pad = EOS is safe)."""
+    so pad = EOS is safe). `role` names the setting in errors."""
     from transformers import AutoTokenizer  # here: `import sdft_ds.data` need not load transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    from sdft_ds.models import TOKENIZER_FILES, hub_errors, pretrained_source, ships_tokenizer
+
+    name = pretrained_source(name_or_path, role)
+    if not ships_tokenizer(name):  # transformers would build a 1-token tokenizer from the config alone
+        raise ValueError(f"{role} folder {name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}). Save the "
+                         "tokenizer into it (tokenizer.save_pretrained), or name one with tokenizer_name_or_path.")
+    with hub_errors(name, role):
+        tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

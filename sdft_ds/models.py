@@ -5,26 +5,68 @@ the loaded modules otherwise — always before an engine is built.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from sdft_ds.divergence import IDENTITY, LogitTransform
 
-def config_of(model, init_kwargs: dict | None = None):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def pretrained_source(name_or_path, role: str) -> str:
+    """`name_or_path` for from_pretrained, refused at once when it must be a local folder and is none: transformers
+    would take it for a hub id ("Repo id must be in the form ...") or try the network for it. A hub id is
+    `name` or `org/name`; a Path, or a name starting with `.`, `/` or `~` or with more folders, is local."""
+    name = str(name_or_path)
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{role}: {name} is a file; pass the folder that holds config.json and the "
+                                     "weights.")
+        return name
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local or isinstance(name_or_path, Path):
+        tilde = " (a ~ is expanded by the shell only; write the full path)" if name.startswith("~") else ""
+        raise FileNotFoundError(f"no such folder: {name} ({role}){tilde}. Pass an existing model folder or a hub "
+                                "name such as Qwen/Qwen3-8B.")
+    return name
+
+
+@contextlib.contextmanager
+def hub_errors(name: str, role: str):
+    """One short error naming the model where transformers chains several tracebacks about the hub."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error.__cause__, LocalEntryNotFoundError):
+            raise OSError(f"{role} {name!r} is not in the local Hugging Face cache and the hub is unreachable (no "
+                          "network, or HF_HUB_OFFLINE=1). Download it where the hub is reachable (`hf download "
+                          f"{name}`), or pass a local folder.") from None
+        if isinstance(error.__cause__, RepositoryNotFoundError):
+            raise OSError(f"{role} {name!r} is neither a local folder nor a model on the Hugging Face hub (for a "
+                          "private one, log in with `hf auth login`).") from None
+        raise
+
+
+def config_of(model, init_kwargs: dict | None = None, role: str = "model"):
     """The Hugging Face config of a model object, path or hub name, without loading weights."""
     if isinstance(model, PreTrainedModel):
         return model.config
-    return AutoConfig.from_pretrained(str(model), **(init_kwargs or {}).get("config_kwargs", {}))
+    name = pretrained_source(model, role)
+    with hub_errors(name, role):
+        return AutoConfig.from_pretrained(name, **(init_kwargs or {}).get("config_kwargs", {}))
 
 
-def _ships_tokenizer(name_or_path: str) -> bool:
+def ships_tokenizer(name_or_path: str) -> bool:
     """A local folder without tokenizer files would load as an empty tokenizer; hub names are checked."""
     path = Path(name_or_path)
     if not path.is_dir():
         return not path.exists()
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _architecture_key(config) -> dict:
@@ -43,7 +85,7 @@ def check_pair(student_config, teacher_config, tokenizer, ref_model, teacher_mod
     if len(tokenizer) > student_config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model only "
                          f"{student_config.vocab_size} embedding rows; pass the model's own tokenizer.")
-    if isinstance(ref_model, str) and _ships_tokenizer(ref_model):
+    if isinstance(ref_model, str) and ships_tokenizer(ref_model):
         if AutoTokenizer.from_pretrained(ref_model).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"The teacher {ref_model!r} ships a different tokenizer from the student's; SDFT "
                              "needs one shared vocabulary.")

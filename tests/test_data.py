@@ -166,3 +166,56 @@ def test_prompt_sampler_is_rank_disjoint_and_covers_an_epoch():
     assert resumed.next_round() == fresh.next_round()
     with pytest.raises(ValueError, match="fewer than one generation round"):
         PromptSampler(3, 2, 0, 2, seed=0)
+
+
+# ---- files and rows that fail late or unclearly in datasets / jinja (PROBE: "Dataset files")
+
+@pytest.mark.parametrize("name, text, why", [
+    ("rows.jsonl", "", "is empty"),  # datasets: a bare StopIteration
+    ("rows.jsonl", "\n  \n", "is empty"),
+    ("rows.csv", "prompt,teacher_prompt\n", "has a header line but no rows"),  # datasets: "corresponds to no data"
+    ("rows.json", "[ ]\n", "is an empty JSON list"),
+])
+def test_a_data_file_without_rows_is_named(tmp_path, name, text, why):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"No prompt rows: {path} {why}. Add rows"):
+        load_prompt_dataset(str(path))
+
+
+def test_an_empty_file_beside_others_is_fine(tmp_path):
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text(DEMO_TRAIN.read_text())
+    assert len(load_prompt_dataset(str(tmp_path))) == len(load_prompt_dataset(str(DEMO_TRAIN)))
+
+
+def test_chat_messages_without_role_or_content_are_named_with_their_row(tokenizer):
+    # from_list gives every message every key seen in the column: a message with only `text` gets role=None
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Add 2 and 3."}]},
+                              {"prompt": [{"text": "Add 4 and 5."}]}])
+    rows = rows.add_column("teacher_prompt", rows["prompt"])
+    with pytest.raises(ValueError, match=r"Row 1: column 'prompt' must be a list of \{'role', 'content'\} messages; "
+                                         r"message 0 is \{'role': None"):
+        tokenize_prompts(rows, tokenizer, 64, 64)
+
+
+def test_a_prompt_that_ends_with_the_assistant_is_refused(tokenizer):
+    chat = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    rows = Dataset.from_dict({"prompt": [[chat[0]], chat], "privileged_context": ["5", "5"]})
+    with pytest.raises(ValueError, match="Row 1: column 'prompt' ends with an assistant message.*End the prompt "
+                                         "with the user's turn"):
+        tokenize_prompts(with_teacher_prompts(rows, "{prompt} {privileged_context}"), tokenizer, 64, 64)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    from sdft_ds.assets import model_dir
+
+    (tmp_path / "config.json").write_text((model_dir("tiny-qwen2-student") / "config.json").read_text())
+    with pytest.raises(ValueError, match=f"student folder {tmp_path} has no tokenizer files"):
+        load_tokenizer(tmp_path, role="student")  # transformers builds a 1-token tokenizer from it
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model", "a/b/c"])
+def test_a_tokenizer_path_that_does_not_exist_is_named(path):
+    with pytest.raises(FileNotFoundError, match=f"no such folder: {path} \\(tokenizer\\)"):
+        load_tokenizer(path)
