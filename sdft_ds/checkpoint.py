@@ -1,12 +1,14 @@
 """Files that must survive interruption: the exported model, resumable training state, stop signals.
 
 Everything is written under a temporary name and moved into place when complete, so an interrupted write
-leaves the previous file (or nothing), never a mix that a loader would accept. DeepSpeed writes its `latest`
-pointer only after a whole training checkpoint is on disk, so an interrupted save resumes from the one before.
+leaves the previous file (or nothing), never a mix that a loader would accept. A training checkpoint counts once
+its completion record (`COMPLETE`) is written, after every rank's files are on disk; resume accepts nothing else,
+and `latest` naming an incomplete one (a kill during the save) resumes from the complete one before it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -22,6 +24,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sdft_state-rank{rank}.pt"
+# What a run writes beside the model in output_dir (resumable state is ~13x the model), left out of an upload.
+UPLOAD_IGNORE = ["checkpoints/*", "wandb/*", "runs/*", ".*"]
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' pre-emption warnings; Ctrl-C still aborts
 
 
@@ -30,6 +34,9 @@ def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to its writer
     try:
         state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         lm.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
@@ -60,7 +67,8 @@ def upload(folder: str, repo_id: str, private: bool) -> None:
 
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SDFT model (sdft_ds)")
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SDFT model (sdft_ds)",
+                      ignore_patterns=UPLOAD_IGNORE)
 
 
 # ---------------------------------------------------------------- resumable training state
@@ -77,19 +85,88 @@ def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def resolve(spec: str, output_dir: str) -> tuple[Path, str]:
-    """(checkpoints folder, tag) named by `resume_from_checkpoint`; refuses anything that is not one."""
+COMPLETE = "sdft_complete.json"  # written into step-N last, after a barrier: every rank's files are on disk
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that this run cannot resume from; raised on every rank before any engine is built."""
+
+
+def _find(spec: str, output_dir: str) -> tuple[Path, str]:
+    """(checkpoints folder, tag) that `resume_from_checkpoint` names on this rank's disk. `latest` and a folder
+    holding step-N folders mean the newest *complete* checkpoint: DeepSpeed's `latest`, or when a save was
+    interrupted after DeepSpeed wrote it, the newest complete one numbered below it."""
     path = Path(output_dir) / "checkpoints" if spec == "latest" else Path(spec)
-    if (path / "latest").is_file():
-        folder, tag = path, (path / "latest").read_text().strip()
-    else:
-        folder, tag = path.parent, path.name
-    if not (folder / tag / STATE_FILE.format(rank=0)).is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={spec!r}: {path} is no sdft_ds checkpoint (expected a `checkpoints` folder "
-            f"with a `latest` file, or one of its step-N folders holding {STATE_FILE.format(rank=0)}). "
-            "Checkpoints are written every save_steps and when a run is stopped with SIGTERM or SIGUSR1.")
-    return folder, tag
+    if not (path / "latest").is_file():
+        return path.parent, path.name
+    named = (path / "latest").read_text().strip()
+    if (path / named / COMPLETE).is_file():
+        return path, named
+    limit = _step_number(named)
+    earlier = sorted((p for p in path.glob("step-*") if (p / COMPLETE).is_file() and _step_number(p.name) is not None
+                      and (limit is None or _step_number(p.name) < limit)), key=lambda p: _step_number(p.name))
+    if not earlier:
+        raise CheckpointError(f"{path / named} was never completed (no {COMPLETE}: the run was most likely killed "
+                              "while saving it) and no complete checkpoint precedes it. Start the run afresh.")
+    logger.warning("%s was never completed (the run was most likely killed while saving it); resuming from %s.",
+                   path / named, earlier[-1])
+    return path, earlier[-1].name
+
+
+def open_checkpoint(spec: str, output_dir: str, rank: int, world_size: int) -> tuple[Path, str, dict]:
+    """This rank's view of the checkpoint to resume: (folder, tag, its completion record), or CheckpointError
+    naming what is wrong. Every rank checks its own disk (node-local checkpoints hold only their node's files);
+    the caller decides together (see `agree`)."""
+    folder, tag = _find(spec, output_dir)
+    step = folder / tag
+    if not (step / COMPLETE).is_file():
+        what = "is no sdft_ds checkpoint" if not (step / STATE_FILE.format(rank=0)).is_file() and not any(
+            step.glob(STATE_FILE.format(rank="*"))) else "was never completed (the run was most likely killed while saving it)"
+        raise CheckpointError(
+            f"resume_from_checkpoint={spec!r}: {step} {what} (on rank {rank}'s disk). Expected a `checkpoints` folder "
+            f"with a `latest` file, or one of its step-N folders holding {COMPLETE}. Checkpoints are written every "
+            "save_steps and when a run is stopped with SIGTERM or SIGUSR1.")
+    try:
+        record = json.loads((step / COMPLETE).read_text())
+        saved_ranks = int(record["world_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{step / COMPLETE} is damaged ({error!r}); resume from an earlier step-N.") from None
+    mine = step / STATE_FILE.format(rank=rank)
+    if saved_ranks != world_size or not mine.is_file():
+        raise CheckpointError(
+            f"{step} holds the state of {saved_ranks} rank(s) and this run has {world_size}"
+            + ("" if saved_ranks != world_size else f", but rank {rank} finds no {mine.name} on its disk (were the "
+               "checkpoints written with save_on_each_node on another node?)")
+            + ": rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume with the ranks that saved it.")
+    try:
+        record["state"] = load_state(mine)
+        int(record["state"]["step"])
+    except Exception as error:  # a damaged state file must fail here, not after the engines are built
+        raise CheckpointError(f"{mine} cannot be read ({type(error).__name__}: {error}); resume from an earlier "
+                              "step-N.") from None
+    return folder, tag, record
+
+
+def agree(problem: str | None, tag_number: int, any_rank, same_everywhere) -> None:
+    """Raise on every rank if any rank found a problem or the ranks found different checkpoints."""
+    if any_rank(problem is not None):
+        raise CheckpointError(problem or "another rank cannot resume from this checkpoint (its error names why).")
+    if not same_everywhere(tag_number):
+        raise CheckpointError("the ranks found different checkpoints (each reads its own disk's `latest`): pass the "
+                              "step-N folder to resume_from_checkpoint.")
+
+
+def mark_complete(step: Path, record: dict) -> None:
+    """The completion record of a checkpoint, written atomically once every rank's files are on disk."""
+    partial = step / f".{COMPLETE}.partial"
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+    os.replace(partial, step / COMPLETE)
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The entries of the run's fingerprint that differ from the checkpoint's, as `name: saved -> now`."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
 
 
 def _step_number(name: str) -> int | None:
@@ -98,18 +175,6 @@ def _step_number(name: str) -> int | None:
 
 
 _reported_abandoned: set[Path] = set()  # warned about once per process, not at every save
-
-
-def check_world_size(folder: Path, rank: int, world_size: int, any_rank) -> None:
-    """Each rank needs its own state file and none may exist past the last rank. `any_rank(flag)` is True on every
-    rank when it is on one: ranks refuse as one (node-local checkpoints hold only their node's files)."""
-    mine = (folder / STATE_FILE.format(rank=rank)).is_file()
-    beyond = (folder / STATE_FILE.format(rank=world_size)).is_file()
-    if any_rank(beyond or not mine):
-        saved = len(list(folder.glob(STATE_FILE.format(rank="*"))))
-        raise ValueError(f"{folder} holds the state of {saved} rank(s) (on rank {rank}'s disk) and this run has "
-                         f"{world_size}: rollouts, RNG streams and ZeRO-3 partitions are per rank. Resume with the "
-                         "number of ranks that saved it.")
 
 
 def rng_state() -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdft_ds.config import SDFTConfig
+from sdft_ds.config import SDFTConfig, describe, field_types
 
 
 @dataclass
@@ -44,18 +45,35 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_int(text: str) -> int:
+    """An integer, also written as an integral float (`2.0`, `1e3`), as SDFTConfig takes one."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        return int(number)
+
+
 def _converter(annotation):
-    """argparse type for a dataclass field's evaluated annotation (`int | None`, `str | dict | None`, ...). An
-    optional field takes `none` or `null`, so the command line can clear what a recipe set."""
-    members = set(typing.get_args(annotation))
-    options = members - {type(None)} or {annotation}
+    """argparse type for a dataclass field's evaluated annotation (`int | None`, `str | dict | None`, ...), and the
+    conversion of recipe values. An optional field takes `none` or `null`, so the command line can clear what a
+    recipe set."""
+    members = field_types(annotation)
+    options = members - {type(None)}
     if dict in options:
         def convert(text: str):
             return json.loads(text) if text.lstrip().startswith("{") else text
     elif bool in options:
         convert = _parse_bool
+    elif int in options:
+        convert = _parse_int
     else:
-        convert = next((kind for kind in (int, float) if kind in options), str)
+        convert = float if float in options else str
     if type(None) not in members:
         return convert
 
@@ -64,52 +82,101 @@ def _converter(annotation):
     return optional
 
 
+def _type_hints() -> dict:
+    """Every field's evaluated annotation (they are strings under `from __future__ import annotations`)."""
+    return {name: hint for cls in (ScriptArguments, SDFTConfig) for name, hint in typing.get_type_hints(cls).items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="SDFT training on DeepSpeed ZeRO-3.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: `--learning 1e-4` would otherwise set learning_rate, and a typo another field
+    parser = argparse.ArgumentParser(description="SDFT training on DeepSpeed ZeRO-3.", allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe with any of the fields below.")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    hints = _type_hints()
     for cls in (ScriptArguments, SDFTConfig):
         group = parser.add_argument_group(cls.__name__)
-        hints = typing.get_type_hints(cls)  # the annotations are strings (from __future__ import annotations)
         for f in fields(cls):
+            # default=SUPPRESS, so that only what the command line sets overrides the recipe; the help shows it
+            default = "required" if f.default is MISSING else f"default: {f.default!r}"
+            help_text = f"{f.metadata.get('help', '')} ({default})".replace("%", "%%")
+            bare = dict(nargs="?", const=True) if bool in field_types(hints[f.name]) else {}  # `--bf16` alone: true
             group.add_argument(f"--{f.name}", type=_converter(hints[f.name]), default=argparse.SUPPRESS,
-                               help=f.metadata.get("help", ""))
+                               help=help_text, **bare)
     return parser
+
+
+def _read_recipe(parser: argparse.ArgumentParser, recipe: str, hints: dict) -> dict:
+    """A recipe's values converted exactly as the command line converts its text: PyYAML reads `1e-5` (no dot)
+    and `"4"` as strings, which would otherwise reach the optimizer as such."""
+    try:
+        values = yaml.safe_load(Path(recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"cannot read the recipe {recipe}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"{recipe} must be a YAML mapping of field: value.")
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        parser.error(f"{recipe}: unknown field(s) {unknown}; see --help for the valid ones.")
+    for name, value in values.items():
+        if isinstance(value, (str, int, float)):  # YAML scalars; a dict (deepspeed) or list is left to SDFTConfig
+            try:
+                values[name] = _converter(hints[name])(str(value))
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                parser.error(f"{recipe}: {name}: {value!r} is not {describe(field_types(hints[name]))} ({error}); "
+                             "correct it in the recipe.")
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SDFTConfig]:
     parser = build_parser()
     cli = vars(parser.parse_args(argv))
-    values: dict = {}
-    if cli.get("config"):
-        recipe = yaml.safe_load(Path(cli["config"]).read_text()) or {}
-        if not isinstance(recipe, dict):
-            parser.error(f"{cli['config']} must be a YAML mapping of field: value.")
-        values.update(recipe)
+    values = _read_recipe(parser, cli["config"], _type_hints()) if cli.get("config") else {}
     values.update({k: v for k, v in cli.items() if k not in ("config", "local_rank")})
-    known = {f.name for cls in (ScriptArguments, SDFTConfig) for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        parser.error(f"unknown field(s) {unknown}; see --help for the valid ones.")
     script_fields = {f.name for f in fields(ScriptArguments)}
     missing = [f.name for f in fields(ScriptArguments) if f.default is MISSING and f.name not in values]
     if missing:
         parser.error(f"missing required field(s) {missing}: set them in the recipe or on the command line.")
     script = ScriptArguments(**{k: v for k, v in values.items() if k in script_fields})
-    config = SDFTConfig(**{k: v for k, v in values.items() if k not in script_fields})
+    try:
+        config = SDFTConfig(**{k: v for k, v in values.items() if k not in script_fields})
+    except (ValueError, FileNotFoundError) as error:  # a setting's error is the user's, not the code's: no traceback
+        parser.error(str(error))
     return script, config
+
+
+def check_eval_set(source, template: str) -> None:
+    """The held-out set is read only after the engines are built (SDFTTrainer.heldout_divergence); its errors are
+    found here instead, naming it as the eval set."""
+    from sdft_ds.data import load_prompt_dataset, validate_rows, with_teacher_prompts
+
+    where = f"The eval set (eval_dataset_name={str(source)!r})"
+    try:
+        dataset = with_teacher_prompts(load_prompt_dataset(source), template)
+        validate_rows(dataset)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if "answer" not in dataset.column_names:
+        raise ValueError(f"{where} needs an 'answer' column, the reference completion whose divergence is reported "
+                         f"before and after training; it has {sorted(dataset.column_names)}. Add it, or drop "
+                         "eval_dataset_name.")
+    bad = [row for row, answer in enumerate(dataset["answer"]) if not isinstance(answer, str) or not answer.strip()]
+    if bad:
+        raise ValueError(f"{where}: 'answer' is empty or not a string in rows {bad[:5]}; fill them in or remove them.")
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, config = parse_args(argv)
-    from sdft_ds.data import load_prompt_dataset, load_tokenizer  # here: `--help` and recipe checks need no torch
+    from sdft_ds.data import load_prompt_dataset, load_tokenizer  # here: `--help` needs no torch
     from sdft_ds import engines
     from sdft_ds.trainer import SDFTTrainer
 
-    tokenizer = load_tokenizer(script.tokenizer_name_or_path or script.model_name_or_path)
+    engines.check_precision(config)
+    tokenizer = load_tokenizer(script.tokenizer_name_or_path or script.model_name_or_path,
+                               role="tokenizer" if script.tokenizer_name_or_path else "student")
     dataset = load_prompt_dataset(script.dataset_name, script.dataset_split)
+    if script.eval_dataset_name:
+        check_eval_set(script.eval_dataset_name, config.teacher_prompt_template)
     trainer = SDFTTrainer(model=script.model_name_or_path, ref_model=script.ref_model_name_or_path, args=config,
                           processing_class=tokenizer, train_dataset=dataset)
     before = trainer.heldout_divergence(script.eval_dataset_name) if script.eval_dataset_name else None

@@ -7,12 +7,11 @@ touches one file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
-import json
 import os
 import socket
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import deepspeed
@@ -112,13 +111,11 @@ def max_over_ranks(value: float) -> float:
 # ---------------------------------------------------------------- configs
 
 def read_ds_config(source: str | dict) -> dict:
-    if isinstance(source, dict):
-        return json.loads(json.dumps(source))
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {source!r} does not exist; pass a path to a JSON file such as "
-                                "ds_configs/zero3_offload.json.")
-    return json.loads(path.read_text())
+    """The checked config; the reading and checking live in sdft_ds.config, where SDFTConfig runs them on the files
+    a user names before any engine, without importing DeepSpeed."""
+    from sdft_ds.config import read_ds_config as read_checked
+
+    return read_checked(source)
 
 
 def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
@@ -141,6 +138,18 @@ def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
     hf_config.trainer_config_finalize(hf_args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)),
                                       num_training_steps)
     return hf_config
+
+
+def check_precision(args) -> None:
+    """Refuse a precision this machine's accelerator cannot train in, before any model is loaded (DeepSpeed
+    refuses it only when it builds the engine). Not in SDFTConfig: a config may be written on a machine other than
+    the one that trains."""
+    accelerator = get_accelerator()
+    for name, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
+        if getattr(args, name) and not supported():
+            raise ValueError(f"{name}=True, but DeepSpeed cannot train in {name} on this machine's accelerator "
+                             f"({accelerator.device_name()}). Drop {name} (float32), or choose "
+                             f"{'bf16' if name == 'fp16' else 'fp16'} where it is supported.")
 
 
 def zero_stage(hf_config: HfDeepSpeedConfig) -> int:
@@ -524,10 +533,43 @@ def load_checkpoint(engine, directory: str, tag: str) -> None:
         raise FileNotFoundError(f"No DeepSpeed checkpoint found in {directory!r} (tag {tag!r}).")
 
 
-def step_applied(engine) -> bool:
-    """Whether the last optimizer step changed the weights: fp16's loss scaler skips a step whose gradients
-    overflowed (the same on every rank: DeepSpeed reduces the overflow flag)."""
-    return engine.was_step_applied()
+def optimizer_step(engine) -> bool:
+    """`engine.step()` after a micro-batch's backward; at the accumulation boundary, whether the optimizer changed
+    the weights. A step whose gradients are not finite is skipped on every rank: DeepSpeed's ZeRO and 16-bit
+    optimizers do it themselves (an invalid global norm counts as an overflow; pinned 0.19: stage3.step,
+    stage_1_and_2.step, bf16_optimizer.step). A plain fp32 engine (ZeRO-0) would apply it and poison Adam's
+    moments, so there the step runs on zeroed gradients at learning rate 0 (the weights stay bit for bit) and the
+    optimizer and scheduler states are put back. Gradients are all-reduced at the boundary: ranks decide alike."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    plain = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None] if boundary and plain else []
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        engine.step()
+        return boundary and engine.was_step_applied()
+    optimizer_state = copy.deepcopy(engine.optimizer.state_dict())  # learning rates included
+    scheduler_state = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    for grad in grads:
+        grad.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    engine.step()
+    engine.optimizer.load_state_dict(optimizer_state)
+    if scheduler_state is not None:
+        engine.lr_scheduler.load_state_dict(scheduler_state)
+    return False
+
+
+def nonfinite_parameter(engine) -> str | None:
+    """The name of a parameter whose part on this rank holds NaN or inf, or None."""
+    for name, p in language_model(engine).named_parameters():
+        if not bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p.data).all()):
+            return name
+    return None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on one (one small all-reduce)."""
+    return max_over_ranks(float(flag)) > 0
 
 
 def learning_rate(engine) -> float:

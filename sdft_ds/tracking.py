@@ -94,14 +94,17 @@ class StepStats:
         self.mins = torch.minimum(self.mins, torch.stack(low))
         self.maxs = torch.maximum(self.maxs, torch.stack(high))
 
-    def reduce(self, world_size: int) -> dict[str, float]:
+    def reduce(self, world_size: int, counts: dict[str, float] | None = None) -> dict[str, float]:
         """Means over the window and all ranks. Times are per optimizer step, averaged over ranks; tokens/s is
-        the prompt + completion tokens trained on all ranks per second of (mean) step time."""
-        host = torch.tensor([self.host[k] for k in self.HOST_SUMS], dtype=torch.float64, device=self.device)
+        the prompt + completion tokens trained on all ranks per second of (mean) step time. `counts` (this rank's
+        running totals, e.g. truncated prompts) come back summed over ranks."""
+        counts = counts or {}
+        host = torch.tensor([self.host[k] for k in self.HOST_SUMS] + list(counts.values()), dtype=torch.float64,
+                            device=self.device)
         totals = engines.all_reduce_sum(torch.cat([self.sums, host]))
         mins = engines.all_reduce_min(self.mins.clone())
         maxs = -engines.all_reduce_min(-self.maxs)
-        t = dict(zip(self.DEVICE_SUMS + self.HOST_SUMS, totals.cpu().tolist()))
+        t = dict(zip(self.DEVICE_SUMS + self.HOST_SUMS + tuple(counts), totals.cpu().tolist()))
         low, high = dict(zip(self.EXTREMES, mins.cpu().tolist())), dict(zip(self.EXTREMES, maxs.cpu().tolist()))
         tokens, steps = max(t["loss_tokens"], 1.0), max(t["steps"], 1.0)
         metrics = {"loss": t["loss"] / t["micro_batches"], "divergence": t["divergence"] / tokens,
@@ -109,7 +112,7 @@ class StepStats:
                    "completion_length_min": low["length"], "completion_length_max": high["length"],
                    "clipped_ratio": t["truncated"] / t["completions"], "step_time": t["step"] / steps,
                    "tokens_per_second": t["tokens"] / max(t["step"] / world_size, 1e-9),
-                   **{f"time/{phase}": t[phase] / steps for phase in PHASES}}
+                   **{f"time/{phase}": t[phase] / steps for phase in PHASES}, **{k: t[k] for k in counts}}
         if t["ratio_tokens"]:
             metrics.update(is_ratio_mean=t["ratio"] / t["ratio_tokens"], is_ratio_min=low["ratio"],
                            is_ratio_max=high["ratio"], is_ratio_clipped=t["ratio_clipped"] / t["ratio_tokens"])

@@ -10,7 +10,12 @@ engine is built.
 
 from __future__ import annotations
 
+import array
+import hashlib
+import json
 import math
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,12 +44,27 @@ def _head_logprobs(hidden, weight, target_ids, **kwargs):
     return (target_logprobs(hidden, weight, target_ids, **kwargs),)
 
 
+# Settings a resumed run must keep (with the data and models, see SDFTTrainer._fingerprint); the others, like
+# max_steps or learning_rate, may change on resume.
+RESUME_FIXED = ("teacher_mode", "generate_from_teacher", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "num_generations", "steps_per_generation", "num_iterations", "seed")
+
+
+def _model_name(model) -> str:
+    if model is None:
+        return "(a copy of the student)"
+    if isinstance(model, PreTrainedModel):
+        return str(getattr(model, "name_or_path", None) or type(model).__name__)
+    return str(model)
+
+
 class SDFTTrainer:
     """Self-Distillation Fine-Tuning on DeepSpeed ZeRO-3 (API of TRL's `SDFTTrainer`)."""
 
     def __init__(self, model, ref_model=None, args: SDFTConfig | None = None, processing_class=None,
                  train_dataset=None):
         self.args = args = args if args is not None else SDFTConfig()
+        engines.check_precision(args)
         if train_dataset is None:
             raise ValueError("train_dataset is required: rows with 'prompt' and 'teacher_prompt'.")
         if args.teacher_mode == "live" and ref_model is not None:
@@ -54,18 +74,20 @@ class SDFTTrainer:
         dataset = with_teacher_prompts(load_prompt_dataset(train_dataset), args.teacher_prompt_template)
         self.prompts = tokenize_prompts(dataset, self.tokenizer, args.max_prompt_length,
                                         args.max_teacher_prompt_length, args.chat_template_kwargs)
-        student_config = models.config_of(model, args.model_init_kwargs)
-        teacher_config = models.config_of(ref_model, args.model_init_kwargs) if ref_model is not None else student_config
+        student_config = models.config_of(model, args.model_init_kwargs, role="student")
+        teacher_config = models.config_of(ref_model, args.model_init_kwargs, role="teacher") if ref_model is not None else student_config
         models.check_pair(student_config, teacher_config, self.tokenizer, ref_model, args.teacher_mode)
         # how each output layer makes logits (refusing what the fused head cannot reproduce); a live teacher is the
         # student
         self.heads = (models.logit_transform(student_config), models.logit_transform(teacher_config))
 
-        self.resume_from = self._checkpoint_to_resume(args.resume_from_checkpoint)
 
         self.rank, self.world_size = engines.init_distributed()
-        if self.resume_from is not None:
-            self._check_world_size(*self.resume_from)
+        self.fingerprint = self._fingerprint(model, ref_model)
+        self._check_ranks_agree()
+        self.resume_from = self._open_checkpoint(args.resume_from_checkpoint)
+        if self.resume_from is None:
+            self._claim_output_dir()
         torch.manual_seed(args.seed)
         self.sampler = PromptSampler(len(self.prompts), args.prompts_per_generation, self.rank, self.world_size,
                                      args.seed)
@@ -83,6 +105,7 @@ class SDFTTrainer:
         self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, teacher_config, engines.zero_stage(student_ds))
         self.eos_ids = models.eos_ids(self.tokenizer, student_lm, engines.language_model(self.teacher))
+        self._check_weights_finite(model, ref_model)
         engines.register_hf_config(student_ds)  # the student's ZeRO stage for what transformers builds from now on
 
         generator = self.teacher if args.generate_from_teacher else self.student
@@ -93,6 +116,9 @@ class SDFTTrainer:
         torch.manual_seed(args.seed + self.rank)  # ranks sample different completions
         self.step = 0
         self.teacher_syncs = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradients, and in a row:
+        self.nonfinite_in_a_row = 0
+        self.step_applied = True  # whether the last optimizer step moved the weights
         self.queue: list[MicroBatch] = []
         self.prompts_truncated = 0
         self.teacher_prompts_truncated = 0
@@ -102,11 +128,99 @@ class SDFTTrainer:
 
     # ------------------------------------------------------------ construction helpers
 
+    def _fingerprint(self, model, ref_model) -> dict:
+        """What a resumed run must share with the checkpoint it continues: the data (as tokenized), the models and
+        the batch geometry that the saved prompt position and rollouts were cut with."""
+        digest = hashlib.sha256()
+        for ids in (*self.prompts.prompt_ids, *self.prompts.teacher_prompt_ids):
+            digest.update(array.array("q", ids).tobytes() + b"|")
+        return {"dataset": f"{len(self.prompts)} rows, tokens sha256 {digest.hexdigest()[:16]}",
+                "student": _model_name(model), "teacher": _model_name(ref_model),
+                **{name: getattr(self.args, name) for name in RESUME_FIXED}}
+
+    def _together(self, problem: str | None, error=ValueError) -> None:
+        """Raise `problem` on the ranks that have one and a pointer to it on the others, so that no rank goes on
+        into a collective the others never reach."""
+        if engines.any_rank(problem is not None):
+            raise error(problem or "another rank stopped the run; its error says why.")
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must be given the same data and settings (sdft_ds shards the prompts itself): ranks that
+        differ would count different steps and hang in a collective."""
+        mine = hashlib.sha256(json.dumps([self.fingerprint, asdict(self.args)], sort_keys=True, default=str).encode())
+        code = float(int(mine.hexdigest()[:12], 16))  # exact in float64
+        same = engines.max_over_ranks(code) == -engines.max_over_ranks(-code)
+        rows = (-engines.max_over_ranks(-len(self.prompts)), engines.max_over_ranks(len(self.prompts)))
+        if not same:
+            raise ValueError(
+                f"The ranks were given different data or settings (prompt rows per rank: {rows[0]:.0f} to {rows[1]:.0f}): "
+                "give every rank the same, whole dataset and the same arguments; sdft_ds gives each rank its own "
+                "prompts. A dataset pre-sharded per rank must be passed whole instead.")
+
+    def _open_checkpoint(self, spec: str | None) -> tuple[Path, str, dict] | None:
+        """The checkpoint to resume, checked on every rank's own disk and agreed by all, with the settings it was
+        saved with compared to this run's; before any engine is built."""
+        if spec is None:
+            return None
+        found, problem = None, None
+        try:
+            found = checkpoint.open_checkpoint(spec, self.args.output_dir, self.rank, self.world_size)
+        except checkpoint.CheckpointError as error:
+            problem = str(error)
+        self._together(problem, checkpoint.CheckpointError)
+        folder, tag, record = found
+        step = float(record["state"]["step"])
+        if engines.max_over_ranks(step) != -engines.max_over_ranks(-step):
+            raise checkpoint.CheckpointError(f"the ranks found different checkpoints for {spec!r} (each reads its own "
+                                             "disk's `latest`): pass the step-N folder to resume_from_checkpoint.")
+        changed = checkpoint.changed_settings(record.get("fingerprint", {}), self.fingerprint)
+        if changed:
+            raise checkpoint.CheckpointError(
+                f"{folder / tag} was saved by a run with other data, models or batch geometry ({'; '.join(changed)}): "
+                "its prompt position and saved rollouts mean nothing to this run. Resume with the settings it was "
+                "saved with, or start afresh in another output_dir.")
+        return folder, tag, record
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must be able to write its output_dir, and must not share it with an earlier run's
+        checkpoints (a later `--resume_from_checkpoint latest` would continue that run and export its model)."""
+        output = Path(self.args.output_dir)
+        previous = sorted((output / "checkpoints").glob(f"step-*/{checkpoint.COMPLETE}"))
+        problem = None
+        if previous and not self.args.overwrite_output_dir:
+            problem = (f"output_dir {output} holds checkpoints of an earlier run "
+                       f"({', '.join(p.parent.name for p in previous)}). Continue it with --resume_from_checkpoint "
+                       "latest, choose another output_dir, or pass --overwrite_output_dir true to start afresh (its "
+                       "checkpoints are then deleted).")
+        elif self._writes_checkpoints():
+            try:
+                if previous:
+                    shutil.rmtree(output / "checkpoints")
+                output.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=output):
+                    pass
+            except OSError as error:
+                problem = f"output_dir {output} cannot be written ({error.strerror}): choose another output_dir."
+        self._together(problem)
+
+    def _writes_checkpoints(self) -> bool:
+        """Rank 0 writes the shared files; with save_on_each_node, each node's first rank writes its own disk's."""
+        return self.rank == 0 or (self.args.save_on_each_node and engines.local_rank() == 0)
+
+    def _check_weights_finite(self, model, ref_model) -> None:
+        """NaN or inf in a model's weights would give a NaN loss at every step (or a sampling error that does not
+        name the weights): refuse the model by name."""
+        for role, engine, name in (("student", self.student, model), ("teacher", self.teacher, ref_model)):
+            bad = engines.nonfinite_parameter(engine)
+            self._together(None if bad is None else f"The {role} model {_model_name(name)} holds NaN or inf in "
+                           f"{bad}: it cannot be trained or taught from. Check the checkpoint (a failed conversion or "
+                           "an fp16 overflow when it was saved).")
+
     @staticmethod
     def _load_tokenizer(model):
         if isinstance(model, PreTrainedModel):
             raise ValueError("processing_class (the tokenizer) is required when model is a model object.")
-        return load_tokenizer(model)
+        return load_tokenizer(model, role="student")
 
     def _build_teacher(self, ref_model, teacher_config, student_stage: int):
         """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student."""
@@ -137,8 +251,7 @@ class SDFTTrainer:
         """Run to `total_steps`, or until SIGTERM/SIGUSR1: then save a checkpoint, set `stop_signal` and return."""
         args = self.args
         if resume_from_checkpoint is not None:
-            self.resume_from = self._checkpoint_to_resume(resume_from_checkpoint)
-            self._check_world_size(*self.resume_from)
+            self.resume_from = self._open_checkpoint(resume_from_checkpoint)
         if self.resume_from is not None:
             self._resume(*self.resume_from)
             self.resume_from = None
@@ -159,10 +272,11 @@ class SDFTTrainer:
             self.window.add_step(self.train_step())
             tracker.advance(self.step)
             if self.step % args.logging_steps == 0 or self.step == self.total_steps:
-                metrics = self.window.reduce(self.world_size)
+                metrics = self.window.reduce(self.world_size, counts={
+                    "prompts_truncated": self.prompts_truncated,
+                    "teacher_prompts_truncated": self.teacher_prompts_truncated})
                 metrics.update(learning_rate=learning_rate, teacher_syncs=self.teacher_syncs,
-                               prompts_truncated=self.prompts_truncated,
-                               teacher_prompts_truncated=self.teacher_prompts_truncated)
+                               nonfinite_steps=self.nonfinite_steps)
                 tracker.log(metrics, self.step)
                 self.window = StepStats(engines.device())
             self.stop_signal = int(engines.max_over_ranks(stop.signum))  # every rank stops at the same step
@@ -185,6 +299,7 @@ class SDFTTrainer:
         to `self.window`."""
         args = self.args
         tokens = completion_tokens = completions = 0.0
+        nonfinite_loss = torch.zeros((), dtype=torch.bool, device=engines.device())
         with PhaseClock(engines.synchronize) as clock:
             if not self.queue:
                 with clock("generation"):
@@ -199,16 +314,36 @@ class SDFTTrainer:
                                            stale=self.step > batch.rollout_step)
                 with clock("backward"):
                     self.student.backward(out.loss)
-                with clock("optimizer_step"):
-                    self.student.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                with clock("optimizer_step"):  # DeepSpeed steps the optimizer at the accumulation boundary only
+                    self.step_applied = engines.optimizer_step(self.student)
+                nonfinite_loss |= ~torch.isfinite(out.loss.detach())
                 self.window.add(batch, out, args.distillation_is_clip)
                 tokens += float(batch.attention_mask.sum())
                 completion_tokens += float(batch.completion_mask.sum())
                 completions += batch.completion_ids.shape[0]
             self.step += 1
+            self._count_nonfinite(bool(nonfinite_loss))
             with clock("teacher_sync"):
                 self._sync_teacher()
         return {**clock.seconds, "tokens": tokens, "completion_tokens": completion_tokens, "completions": completions}
+
+    def _count_nonfinite(self, nonfinite_loss: bool) -> None:
+        """A step with a non-finite loss on any rank, or whose non-finite gradients the optimizer skipped (fp16's
+        loss scaler aside: skipping is how it finds its scale), moved no weight on any rank; after
+        max_consecutive_nonfinite of them in a row the run stops instead of spending its budget on nothing."""
+        skipped = not self.step_applied and not self.args.fp16
+        if not engines.any_rank(nonfinite_loss or skipped):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.args.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a non-finite loss "
+                "or gradients; each was skipped, so the weights are those of step "
+                f"{self.step - self.nonfinite_in_a_row}, and nothing was saved since. Usual causes: a learning rate "
+                "too high, fp16 overflow (use bf16), NaN/inf in the teacher. Resume from the last checkpoint with a "
+                "lower learning_rate, or raise max_consecutive_nonfinite.")
 
     def generate_round(self) -> list[MicroBatch]:
         """Sample completions for this rank's next round of prompts and cut them into micro-batches (the list
@@ -301,7 +436,7 @@ class SDFTTrainer:
     def _sync_teacher(self) -> None:
         """EMA every teacher_sync_steps optimizer steps; a step fp16 skipped on overflow moved no weight, so the
         teacher is not moved towards it either."""
-        if self.ema is not None and self.step % self.args.teacher_sync_steps == 0 and engines.step_applied(self.student):
+        if self.ema is not None and self.step % self.args.teacher_sync_steps == 0 and self.step_applied:
             self.ema.update(self.args.teacher_update_rate)
             self.teacher_syncs += 1
             self._teacher_head = None
@@ -330,6 +465,7 @@ class SDFTTrainer:
     def save_model(self, output_dir: str | None = None) -> str:
         """A Hugging Face checkpoint (consolidated 16-bit weights, config, tokenizer); all ranks must call it."""
         output_dir = output_dir or self.args.output_dir
+        self._check_student_finite("exported")
         state = engines.consolidated_state_dict(self.student)
         if self.rank == 0:
             checkpoint.write_pretrained(engines.language_model(self.student), state, self.tokenizer, output_dir)
@@ -339,7 +475,9 @@ class SDFTTrainer:
     def save_checkpoint(self) -> str:
         """A resumable checkpoint; all ranks must call it. DeepSpeed saves the student engine (weights, optimizer,
         scheduler); each rank saves what DeepSpeed does not know: step, prompt position, rollouts not yet trained
-        on, RNG states and the EMA teacher's partitions. DeepSpeed writes `latest` last."""
+        on, RNG states and the EMA teacher's partitions. Once every rank's files are on disk, the checkpoint is
+        marked complete (`checkpoint.COMPLETE`, with the run's fingerprint); resume accepts nothing else."""
+        self._check_student_finite("saved")
         directory = Path(self.args.output_dir) / "checkpoints"
         tag = f"step-{self.step}"
         state = {"step": self.step, "teacher_syncs": self.teacher_syncs, "sampler": self.sampler.state_dict(),
@@ -348,21 +486,24 @@ class SDFTTrainer:
                  "ema": None if self.ema is None else self.ema.state_dict()}
         checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
         engines.save_checkpoint(self.student, str(directory), tag)
-        node_local = self.args.save_on_each_node and engines.local_rank() == 0  # each node prunes its own disk
-        if self.args.save_total_limit and (self.rank == 0 or node_local):
-            checkpoint.prune(directory, self.args.save_total_limit, saved=tag)
+        engines.barrier()  # every rank's files are written
+        if self._writes_checkpoints():
+            checkpoint.mark_complete(directory / tag, {"step": self.step, "world_size": self.world_size,
+                                                       "fingerprint": self.fingerprint})
+            if self.args.save_total_limit:  # each node prunes its own disk
+                checkpoint.prune(directory, self.args.save_total_limit, saved=tag)
+        engines.barrier()  # no rank leaves (or exits on a stop signal) before the checkpoint is complete
         return str(directory / tag)
 
-    def _checkpoint_to_resume(self, spec: str | None) -> tuple[Path, str] | None:
-        return None if spec is None else checkpoint.resolve(spec, self.args.output_dir)
+    def _check_student_finite(self, what: str) -> None:
+        bad = engines.nonfinite_parameter(self.student)
+        self._together(None if bad is None else f"The student's weights hold NaN or inf ({bad}) after step "
+                       f"{self.step}; they are not {what}. The last checkpoint is intact: resume from it with a lower "
+                       "learning_rate.", FloatingPointError)
 
-    def _check_world_size(self, directory: Path, tag: str) -> None:
-        checkpoint.check_world_size(directory / tag, self.rank, self.world_size,
-                                    lambda flag: bool(engines.max_over_ranks(float(flag))))
-
-    def _resume(self, directory: Path, tag: str) -> None:
+    def _resume(self, directory: Path, tag: str, record: dict) -> None:
         engines.load_checkpoint(self.student, str(directory), tag)
-        state = checkpoint.load_state(directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
+        state = record["state"]
         self.step, self.teacher_syncs = state["step"], state["teacher_syncs"]
         self.prompts_truncated, self.teacher_prompts_truncated = state["prompts_truncated"]
         self.sampler.load_state_dict(state["sampler"])

@@ -81,9 +81,10 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
 def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokenizer):
     from sdft_ds import SDFTConfig, SDFTTrainer
     from sdft_ds.assets import DEMO_TRAIN, model_dir
+    from sdft_ds.checkpoint import CheckpointError
 
     args = SDFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    with pytest.raises(FileNotFoundError, match="is no sdft_ds checkpoint"):
+    with pytest.raises(CheckpointError, match="is no sdft_ds checkpoint"):
         SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=args, processing_class=tokenizer,
                     train_dataset=str(DEMO_TRAIN))
 

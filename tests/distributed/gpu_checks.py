@@ -77,7 +77,7 @@ elif cli.check == "fp16_skip":
     teacher_before = {k: v.float().clone() for k, v in engines.consolidated_state_dict(t.teacher).items()}
     t.train_step()
     teacher_after = engines.consolidated_state_dict(t.teacher)
-    report.update(step_applied=engines.step_applied(t.student), teacher_syncs=t.teacher_syncs,
+    report.update(step_applied=t.step_applied, teacher_syncs=t.teacher_syncs,
                   teacher_moved=max((teacher_after[k].float() - v).abs().max().item()
                                     for k, v in teacher_before.items()))
 else:
