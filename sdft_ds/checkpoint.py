@@ -42,6 +42,8 @@ def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_
         lm.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for item in staging.iterdir():  # some writers create their files 0600 too
+            os.chmod(item, 0o666 & ~umask)
         if not target.exists():
             os.replace(staging, target)  # the common case: one atomic rename
             return
@@ -161,6 +163,15 @@ def mark_complete(step: Path, record: dict) -> None:
     partial = step / f".{COMPLETE}.partial"
     partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
     os.replace(partial, step / COMPLETE)
+
+
+def write_failure(step: Path, error: BaseException) -> str:
+    """What to tell a user whose checkpoint could not be written, with the free space of its disk."""
+    disk = next((p for p in (step, *step.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(disk).free / 2**30
+    return (f"Writing checkpoint {step} failed ({type(error).__name__}: {error}); {free:.1f} GiB are free on its "
+            "disk (a full disk shows in torch.save as 'unexpected pos'). It never completed, so resume ignores it; "
+            "the previous complete checkpoint is intact. Free space, or set save_total_limit.")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

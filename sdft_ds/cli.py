@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from sdft_ds import engines
     from sdft_ds.trainer import SDFTTrainer
 
-    engines.check_precision(config)
+    engines.check_accelerator(config)
     tokenizer = load_tokenizer(script.tokenizer_name_or_path or script.model_name_or_path,
                                role="tokenizer" if script.tokenizer_name_or_path else "student")
     dataset = load_prompt_dataset(script.dataset_name, script.dataset_split)

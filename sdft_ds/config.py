@@ -94,6 +94,9 @@ def read_ds_config(source: str | dict, role: str | None = None) -> dict:
         raise ValueError(f"{where} sets neither {' nor '.join(DS_BATCH_KEYS)}, and DeepSpeed needs one; add "
                          '"train_micro_batch_size_per_gpu": "auto" (filled from per_device_train_batch_size), as '
                          "the files in ds_configs/ do.")
+    if role == "student" and "optimizer" not in config:
+        raise ValueError(f"{where} has no 'optimizer' section. Add one (see ds_configs/zero3_offload.json) so "
+                         "DeepSpeed builds its own, e.g. DeepSpeedCPUAdam under optimizer offload.")
     zero = config.get("zero_optimization") or {}
     for key in ("offload_optimizer", "offload_param"):
         offload = zero.get(key) or {}

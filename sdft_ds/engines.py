@@ -22,7 +22,9 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
-from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, set_hf_deepspeed_config
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+from sdft_ds.config import read_ds_config  # checked there, before any engine: SDFTConfig reads the files a user names
 
 # DeepSpeed 0.19.8 calls collectives that torch 2.13 deprecates; one warning per step drowns the logs.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
@@ -87,7 +89,10 @@ def side_group(timeout_s: float):
 
 def shutdown() -> None:
     """Leave the process group before the interpreter exits (PyTorch asks for it; an implicit teardown at exit
-    can abort a run that has finished)."""
+    can abort a run that has finished), and stop transformers from building later models under ZeRO-3 (while a
+    config is registered, `from_pretrained` in the same process returns a partitioned, seemingly empty model)."""
+    unset_hf_deepspeed_config()
+    _registered.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -109,14 +114,6 @@ def max_over_ranks(value: float) -> float:
 
 
 # ---------------------------------------------------------------- configs
-
-def read_ds_config(source: str | dict) -> dict:
-    """The checked config; the reading and checking live in sdft_ds.config, where SDFTConfig runs them on the files
-    a user names before any engine, without importing DeepSpeed."""
-    from sdft_ds.config import read_ds_config as read_checked
-
-    return read_checked(source)
-
 
 def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
                    num_training_steps: int) -> HfTrainerDeepSpeedConfig:
@@ -140,16 +137,21 @@ def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
     return hf_config
 
 
-def check_precision(args) -> None:
-    """Refuse a precision this machine's accelerator cannot train in, before any model is loaded (DeepSpeed
-    refuses it only when it builds the engine). Not in SDFTConfig: a config may be written on a machine other than
-    the one that trains."""
+def check_accelerator(args) -> None:
+    """Refuse what this machine's accelerator cannot train, before any model is loaded (DeepSpeed refuses it only
+    when it builds the engine): a precision it lacks, the hybrid engine's CUDA kernels elsewhere. Not in
+    SDFTConfig: a config may be written on a machine other than the one that trains."""
     accelerator = get_accelerator()
     for name, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
         if getattr(args, name) and not supported():
             raise ValueError(f"{name}=True, but DeepSpeed cannot train in {name} on this machine's accelerator "
                              f"({accelerator.device_name()}). Drop {name} (float32), or choose "
                              f"{'bf16' if name == 'fp16' else 'fp16'} where it is supported.")
+    student = read_ds_config(args.student_ds_config_path(), "student")
+    if (student.get("hybrid_engine") or {}).get("enabled") and not torch.cuda.is_available():
+        raise ValueError("The student DeepSpeed config enables `hybrid_engine`, whose inference kernels need CUDA "
+                         "(DeepSpeed fails to build them on CPU). Use a config without it, e.g. "
+                         "ds_configs/zero3_offload.json; generation then gathers the model once per rollout.")
 
 
 def zero_stage(hf_config: HfDeepSpeedConfig) -> int:
@@ -269,23 +271,17 @@ def build_student_engine(lm: nn.Module, hf_config: HfTrainerDeepSpeedConfig, arg
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     policy = Policy(lm)
-    scheduler = None
-    if "scheduler" not in hf_config.config:
-        def scheduler(optimizer):
-            return get_scheduler(args.lr_scheduler_type, optimizer,
-                                 num_warmup_steps=args.get_warmup_steps(num_training_steps),
-                                 num_training_steps=num_training_steps)
-    if hf_config.config.get("hybrid_engine", {}).get("enabled") and not torch.cuda.is_available():
-        raise ValueError("The student DeepSpeed config enables `hybrid_engine`, whose inference kernels need CUDA "
-                         "(DeepSpeed fails to build them on CPU). Use a config without it, e.g. "
-                         "ds_configs/zero3_offload.json; generation then gathers the model once per rollout.")
-    if "optimizer" not in hf_config.config:
-        raise ValueError("The student DeepSpeed config has no 'optimizer' section. Add one (see "
-                         "ds_configs/zero3_offload.json) so DeepSpeed builds its own, e.g. DeepSpeedCPUAdam "
-                         "under optimizer offload.")
+
+    def scheduler(optimizer):
+        return get_scheduler(args.lr_scheduler_type, optimizer,
+                             num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                             num_training_steps=num_training_steps)
+    if dist.get_rank() == 0:  # the first engine on a machine sits silent while DeepSpeed compiles its ops
+        print("building the student engine (the first run on a machine compiles DeepSpeed's ops: about a minute)",
+              flush=True)
     engine, *_ = deepspeed.initialize(model=policy, config=hf_config.config,
                                       model_parameters=[p for p in policy.parameters() if p.requires_grad],
-                                      lr_scheduler=scheduler)
+                                      lr_scheduler=None if "scheduler" in hf_config.config else scheduler)
     engine.train()
     return engine
 

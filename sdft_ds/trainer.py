@@ -64,7 +64,7 @@ class SDFTTrainer:
     def __init__(self, model, ref_model=None, args: SDFTConfig | None = None, processing_class=None,
                  train_dataset=None):
         self.args = args = args if args is not None else SDFTConfig()
-        engines.check_precision(args)
+        engines.check_accelerator(args)
         if train_dataset is None:
             raise ValueError("train_dataset is required: rows with 'prompt' and 'teacher_prompt'.")
         if args.teacher_mode == "live" and ref_model is not None:
@@ -255,7 +255,9 @@ class SDFTTrainer:
         if self.resume_from is not None:
             self._resume(*self.resume_from)
             self.resume_from = None
-        tracker = make_tracker(args, self.rank, self.total_steps, asdict(args))
+        tracker = make_tracker(args, self.rank, self.total_steps, {
+            **asdict(args), "run": {**self.fingerprint, "world_size": self.world_size},
+            "deepspeed_resolved": self.student.config})  # the config with every "auto" filled
         local, total = engines.numel(self.student)
         tracker.info(f"student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
                      f"generation: {self.rollout.name}; optimizer steps {self.step} -> {self.total_steps}")
@@ -484,8 +486,16 @@ class SDFTTrainer:
                  "prompts_truncated": (self.prompts_truncated, self.teacher_prompts_truncated),
                  "queue": [batch.state_dict() for batch in self.queue], "rng": checkpoint.rng_state(),
                  "ema": None if self.ema is None else self.ema.state_dict()}
-        checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
-        engines.save_checkpoint(self.student, str(directory), tag)
+        try:
+            checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
+            problem = None
+        except (OSError, RuntimeError) as error:  # the ranks agree before DeepSpeed's save and its collectives
+            problem = checkpoint.write_failure(directory / tag, error)
+        self._together(problem, OSError)
+        try:
+            engines.save_checkpoint(self.student, str(directory), tag)
+        except (OSError, RuntimeError) as error:  # e.g. a full disk: torch.save says only "unexpected pos ..."
+            raise OSError(checkpoint.write_failure(directory / tag, error)) from error
         engines.barrier()  # every rank's files are written
         if self._writes_checkpoints():
             checkpoint.mark_complete(directory / tag, {"step": self.step, "world_size": self.world_size,

@@ -49,8 +49,8 @@ def test_recipe_then_command_line_overrides(tmp_path):
     assert config.learning_rate == 2e-5 and config.bf16 is False
     assert config.deepspeed.endswith("zero3.json")
     _, config = parse_args(["--model_name_or_path", "m", "--dataset_name", "d",
-                            "--deepspeed", '{"train_batch_size": 8, "zero_optimization": {"stage": 3}}'])
-    assert config.deepspeed == {"train_batch_size": 8, "zero_optimization": {"stage": 3}}
+                            "--deepspeed", '{"train_batch_size": 8, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}'])
+    assert config.deepspeed == {"train_batch_size": 8, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}
 
 
 def test_command_line_clears_an_optional_field_of_the_recipe(tmp_path):
@@ -170,8 +170,8 @@ def test_fp16_is_refused_before_any_engine_where_deepspeed_cannot_train_in_it():
     config = SDFTConfig(fp16=True)  # a config for another machine can still be written here
     with pytest.raises(ValueError, match=r"fp16=True, but DeepSpeed cannot train in fp16 on this machine's "
                                          r"accelerator \(cpu\)"):
-        engines.check_precision(config)
-    engines.check_precision(SDFTConfig())
+        engines.check_accelerator(config)
+    engines.check_accelerator(SDFTConfig())
 
 
 # ---- the command line (PROBE: abbreviations, --help without defaults, bare boolean flags)
@@ -213,7 +213,7 @@ def test_command_line_integers_may_be_written_as_integral_numbers(capsys):
 
 # ---- DeepSpeed configs, read when the config is made (PROBE: errors only after the engines)
 
-ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}}
+ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}
 
 
 @pytest.mark.parametrize("field, role", [("deepspeed", "student"), ("teacher_deepspeed", "teacher")])
@@ -250,4 +250,23 @@ def test_nvme_offload_to_a_missing_folder_names_key_and_path(tmp_path, key):
 def test_shipped_deepspeed_configs_pass_the_checks(path):
     from sdft_ds.config import read_ds_config
 
-    assert read_ds_config(str(path), "student")["bf16"] == {"enabled": "auto"}
+    role = "teacher" if path.stem.startswith("teacher") else "student"
+    assert read_ds_config(str(path), role)["bf16"] == {"enabled": "auto"}
+
+
+def test_a_student_deepspeed_config_without_an_optimizer_is_refused_with_the_config():
+    with pytest.raises(ValueError, match=r"The student DeepSpeed config \(deepspeed\) has no 'optimizer' section"):
+        SDFTConfig(deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}})
+    SDFTConfig(teacher_deepspeed={"train_micro_batch_size_per_gpu": "auto"})  # an inference engine needs none
+
+
+def test_the_hybrid_engine_is_refused_before_any_model_where_there_is_no_cuda():
+    import torch
+
+    from sdft_ds import engines
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = SDFTConfig(deepspeed=str(DS_CONFIG_DIR / "zero3_offload_hybrid_engine.json"))
+    with pytest.raises(ValueError, match="enables `hybrid_engine`, whose inference kernels need CUDA"):
+        engines.check_accelerator(config)

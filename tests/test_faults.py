@@ -88,6 +88,16 @@ def test_damaged_or_mismatched_checkpoints_are_named(tmp_path, damage, rank, wor
         checkpoint.open_checkpoint(str(step), str(tmp_path), rank=rank, world_size=world_size)
 
 
+@pytest.fixture
+def in_process():
+    """For tests that build a trainer in the pytest process: afterwards, no process group and no registered
+    ZeRO-3 config (later from_pretrained calls in this process would build partitioned models)."""
+    yield
+    from sdft_ds import engines
+
+    engines.shutdown()
+
+
 def _trainer(tmp_path, **settings):
     from transformers import AutoTokenizer
 
@@ -99,7 +109,7 @@ def _trainer(tmp_path, **settings):
                        processing_class=AutoTokenizer.from_pretrained(TOKENIZER_DIR), train_dataset=str(DEMO_TRAIN))
 
 
-def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_path):
+def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_path, in_process):
     _checkpoint(tmp_path, 30, ranks=1)
     started = time.perf_counter()
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(step-30\).*--overwrite_output_dir"):
@@ -113,7 +123,7 @@ def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_pa
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_resume_refuses_a_checkpoint_saved_with_other_data_or_batch_geometry(tmp_path):
+def test_resume_refuses_a_checkpoint_saved_with_other_data_or_batch_geometry(tmp_path, in_process):
     saved = {"per_device_train_batch_size": 4, "dataset": "16 rows, tokens sha256 0123456789abcdef"}
     _checkpoint(tmp_path, 5, ranks=1, fingerprint=saved)
     with pytest.raises(CheckpointError, match=r"saved by a run with other data.*dataset: '16 rows.*"
@@ -121,13 +131,13 @@ def test_resume_refuses_a_checkpoint_saved_with_other_data_or_batch_geometry(tmp
         _trainer(tmp_path, resume_from_checkpoint="latest")
 
 
-def test_an_output_dir_that_cannot_be_written_is_refused_before_any_engine(tmp_path):
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_engine(tmp_path, in_process):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match=r"output_dir .*a-file/run cannot be written"):
         _trainer(tmp_path / "a-file" / "run")
 
 
-def test_the_export_folder_is_readable_by_others_and_the_upload_skips_training_state(tmp_path):
+def test_the_export_is_readable_by_others_and_the_upload_skips_training_state(tmp_path):
     from huggingface_hub.utils import filter_repo_objects
     from transformers import AutoModelForCausalLM
 
@@ -140,6 +150,8 @@ def test_the_export_folder_is_readable_by_others_and_the_upload_skips_training_s
     finally:
         os.umask(previous)
     assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "export").iterdir()} == {
+        "config.json": 0o644, "generation_config.json": 0o644, "model.safetensors": 0o644}
     files = ["model.safetensors", "config.json", "checkpoints/step-3/mp_rank_00_model_states.pt", "wandb/run/x.wandb",
              "runs/events.out", ".sdft.partial"]
     assert list(filter_repo_objects(files, ignore_patterns=checkpoint.UPLOAD_IGNORE)) == files[:2]
@@ -201,3 +213,34 @@ def test_a_rank_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_ch
     assert "optimizer steps 2 -> 5" in done.stdout + done.stderr
     assert (out / "model.safetensors").is_file()
     assert torch.load(out / "checkpoints" / "step-5" / STATE_FILE.format(rank=1), weights_only=False)["step"] == 5
+
+
+FULL_DISK = """
+import resource, signal, sys
+from transformers import AutoTokenizer
+from sdft_ds import SDFTConfig, SDFTTrainer
+from sdft_ds.assets import DEMO_TRAIN, TOKENIZER_DIR, model_dir
+trainer = SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=SDFTConfig(output_dir=sys.argv[1], max_steps=3,
+                      max_completion_length=4), processing_class=AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+                      train_dataset=str(DEMO_TRAIN))
+trainer.train_step()
+trainer.save_checkpoint()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+trainer.train_step()
+try:
+    trainer.save_checkpoint()
+except OSError as error:
+    print("REFUSED", error)
+"""
+
+
+@pytest.mark.parametrize("limit", [2_000, 200_000], ids=["own-state-file", "deepspeed-files"])
+def test_a_checkpoint_that_cannot_be_written_says_so_and_leaves_the_previous_one(tmp_path, limit):
+    from conftest import run_python
+
+    done = run_python(["-c", FULL_DISK, str(tmp_path), str(limit)])
+    assert "REFUSED Writing checkpoint" in done.stdout and "step-2 failed" in done.stdout, done.stdout[-3000:]
+    assert "GiB are free on its disk" in done.stdout
+    _, tag, _ = checkpoint.open_checkpoint("latest", str(tmp_path), rank=0, world_size=1)
+    assert tag == "step-1"
