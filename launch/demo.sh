@@ -7,4 +7,4 @@ source launch/setup_env.sh ""  # no extras; the demo arguments are for train.py
 port="${MASTER_PORT:-29561}"
 cleanup() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true; }
 trap cleanup EXIT
-deepspeed --num_gpus 2 --master_port "$port" launch/train.py --config launch/recipes/demo.yaml "$@"
+launch/run.sh --num_gpus 2 --master_port "$port" launch/train.py --config launch/recipes/demo.yaml "$@"

@@ -2,7 +2,9 @@
 (Qwen2-0.5B-Instruct student, Qwen2-1.5B-Instruct teacher: same tokenizer, different sizes).
 
     python launch/quickstart.py          # one process, no launcher
-    deepspeed --num_gpus 2 launch/quickstart.py
+
+One rank only: its dataset holds one prompt and every rank needs its own (under `deepspeed --num_gpus 2` the
+trainer stops with "The dataset has 1 prompts, fewer than one generation round needs").
 """
 
 from datasets import Dataset

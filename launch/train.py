@@ -1,6 +1,6 @@
 """SDFT training entry point.
 
-    deepspeed --num_gpus 8 launch/train.py --config launch/recipes/quickstart.yaml [--field value ...]
+    launch/run.sh --num_gpus 8 launch/train.py --config launch/recipes/quickstart.yaml [--field value ...]
 
 Single node, multi-node (hostfile or SLURM) and CPU runs all go through here; see launch/README.md.
 """

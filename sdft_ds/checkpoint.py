@@ -159,10 +159,13 @@ def agree(problem: str | None, tag_number: int, any_rank, same_everywhere) -> No
 
 
 def mark_complete(step: Path, record: dict) -> None:
-    """The completion record of a checkpoint, written atomically once every rank's files are on disk."""
-    partial = step / f".{COMPLETE}.partial"
-    partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-    os.replace(partial, step / COMPLETE)
+    """The completion record of a checkpoint, written atomically once every rank's files are on disk, then
+    `latest` naming it: DeepSpeed writes that pointer on global rank 0 only, so other nodes' disks lack it."""
+    for path, text in ((step / COMPLETE, json.dumps(record, indent=1, sort_keys=True, default=str)),
+                       (step.parent / "latest", step.name)):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, path)
 
 
 def write_failure(step: Path, error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Command line: `deepspeed launch/train.py --config launch/recipes/<name>.yaml [--field value ...]`.
+"""Command line: `launch/run.sh launch/train.py --config launch/recipes/<name>.yaml [--field value ...]`.
 
 Every SDFTConfig field and every ScriptArguments field can be set in the recipe or on the command line; the
 command line wins. `--help` lists them with their help text.

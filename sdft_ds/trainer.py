@@ -50,6 +50,9 @@ RESUME_FIXED = ("teacher_mode", "generate_from_teacher", "per_device_train_batch
                 "num_generations", "steps_per_generation", "num_iterations", "seed")
 
 
+PER_NODE_PATHS = ("output_dir", "resume_from_checkpoint")  # may differ per node (node-local disks)
+
+
 def _model_name(model) -> str:
     if model is None:
         return "(a copy of the student)"
@@ -147,7 +150,8 @@ class SDFTTrainer:
     def _check_ranks_agree(self) -> None:
         """Every rank must be given the same data and settings (sdft_ds shards the prompts itself): ranks that
         differ would count different steps and hang in a collective."""
-        mine = hashlib.sha256(json.dumps([self.fingerprint, asdict(self.args)], sort_keys=True, default=str).encode())
+        settings = {k: v for k, v in asdict(self.args).items() if k not in PER_NODE_PATHS}
+        mine = hashlib.sha256(json.dumps([self.fingerprint, settings], sort_keys=True, default=str).encode())
         code = float(int(mine.hexdigest()[:12], 16))  # exact in float64
         same = engines.max_over_ranks(code) == -engines.max_over_ranks(-code)
         rows = (-engines.max_over_ranks(-len(self.prompts)), engines.max_over_ranks(len(self.prompts)))

@@ -18,6 +18,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("SDFT_PROGRESS", "0")
+# The venv's bin first, as tests/run.sh has it: torch JIT-builds DeepSpeed's ops with whichever `ninja` is on PATH,
+# and the venv's (1.13) and the system's (1.11) each take the other's build log as stale, rebuilding every op
+# (minutes) whenever a test's subprocess finds the other one.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 def launch(command: list[str], timeout: int = 900, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
