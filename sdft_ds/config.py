@@ -278,9 +278,9 @@ class SDFTConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}: a negative rate climbs the "
-                             "loss, and Adam steps of 1 or more per weight turn a pretrained model into noise that "
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}: a negative rate climbs the "
+                             "loss, and Adam steps of more than 1 per weight turn a pretrained model into noise that "
                              "still trains with finite numbers. The paper uses 1e-5.")
         if self.max_steps < 1 and self.max_steps != -1:
             raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to derive them from "

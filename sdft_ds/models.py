@@ -75,6 +75,13 @@ def _architecture_key(config) -> dict:
     return {k: getattr(config, k, None) for k in keys}
 
 
+def check_topk(config, mode: str, top_k: int) -> None:
+    """A top-k support cannot be wider than the vocabulary (torch.topk would fail at the first step)."""
+    if mode == "topk" and top_k > config.vocab_size:
+        raise ValueError(f"distillation_topk={top_k} exceeds the model's vocabulary ({config.vocab_size} entries): "
+                         "lower it, or use distillation_mode='full' for the whole vocabulary.")
+
+
 def check_pair(student_config, teacher_config, tokenizer, ref_model, teacher_mode: str) -> None:
     """Student and teacher must score the same vocabulary with the student's tokenizer; an EMA teacher must have
     the student's architecture. Refused before any model is loaded."""

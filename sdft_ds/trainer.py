@@ -80,6 +80,7 @@ class SDFTTrainer:
         student_config = models.config_of(model, args.model_init_kwargs, role="student")
         teacher_config = models.config_of(ref_model, args.model_init_kwargs, role="teacher") if ref_model is not None else student_config
         models.check_pair(student_config, teacher_config, self.tokenizer, ref_model, args.teacher_mode)
+        models.check_topk(student_config, args.distillation_mode, args.distillation_topk)
         # how each output layer makes logits (refusing what the fused head cannot reproduce); a live teacher is the
         # student
         self.heads = (models.logit_transform(student_config), models.logit_transform(teacher_config))

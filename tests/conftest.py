@@ -60,3 +60,17 @@ def tokenizer():
     from sdft_ds.assets import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture
+def in_process():
+    """For tests that build a trainer in the pytest process: afterwards no process group, no registered ZeRO-3
+    config (later from_pretrained calls here would build partitioned models) and none of the rendezvous variables
+    the one-rank group put in the environment (subprocesses would inherit its port, still held)."""
+    saved = dict(os.environ)
+    yield
+    from sdft_ds import engines
+
+    engines.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)

@@ -124,9 +124,9 @@ def test_recipe_value_of_the_wrong_type_names_recipe_field_and_value(tmp_path, c
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(learning_rate=-1e-5), r"learning_rate must be in \(0, 1\), got -1e-05"),
-    (dict(learning_rate=0), r"learning_rate must be in \(0, 1\)"),
-    (dict(learning_rate=1e6), r"learning_rate must be in \(0, 1\), got 1000000.0"),
+    (dict(learning_rate=-1e-5), r"learning_rate must be in \(0, 1\], got -1e-05"),
+    (dict(learning_rate=0), r"learning_rate must be in \(0, 1\]"),
+    (dict(learning_rate=1e6), r"learning_rate must be in \(0, 1\], got 1000000.0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a finite number, got nan"),
     (dict(learning_rate="1e-5"), "learning_rate must be a finite number, got '1e-5'"),
     (dict(max_steps=2.5), r"max_steps must be an integer, got 2.5 \(float\)"),

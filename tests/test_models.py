@@ -99,3 +99,13 @@ def test_eos_ids_are_the_union_of_both_models(tokenizer):
     student.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     teacher.generation_config = GenerationConfig(eos_token_id=[7, 9])  # e.g. an instruct teacher's end-of-turn
     assert models.eos_ids(tokenizer, student, teacher) == sorted({tokenizer.eos_token_id, 7, 9})
+
+
+def test_a_topk_support_wider_than_the_vocabulary_is_refused_before_any_engine(tokenizer):
+    from sdft_ds import SDFTConfig, SDFTTrainer
+    from sdft_ds.assets import DEMO_TRAIN, model_dir
+
+    args = SDFTConfig(distillation_mode="topk", distillation_topk=5000)  # the tiny vocabulary has 1024 entries
+    with pytest.raises(ValueError, match=r"distillation_topk=5000 exceeds the model's vocabulary \(1024 entries\)"):
+        SDFTTrainer(model=str(model_dir("tiny-qwen2-student")), args=args, processing_class=tokenizer,
+                    train_dataset=str(DEMO_TRAIN))

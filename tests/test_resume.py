@@ -78,7 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokenizer):
+def test_resume_refuses_what_is_no_checkpoint_before_any_engine(tmp_path, tokenizer, in_process):
     from sdft_ds import SDFTConfig, SDFTTrainer
     from sdft_ds.assets import DEMO_TRAIN, model_dir
     from sdft_ds.checkpoint import CheckpointError
