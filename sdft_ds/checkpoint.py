@@ -118,12 +118,13 @@ def _find(spec: str, output_dir: str) -> tuple[Path, str]:
 def open_checkpoint(spec: str, output_dir: str, rank: int, world_size: int) -> tuple[Path, str, dict]:
     """This rank's view of the checkpoint to resume: (folder, tag, its completion record), or CheckpointError
     naming what is wrong. Every rank checks its own disk (node-local checkpoints hold only their node's files);
-    the caller decides together (see `agree`)."""
+    the caller decides together."""
     folder, tag = _find(spec, output_dir)
     step = folder / tag
     if not (step / COMPLETE).is_file():
-        what = "is no sdft_ds checkpoint" if not (step / STATE_FILE.format(rank=0)).is_file() and not any(
-            step.glob(STATE_FILE.format(rank="*"))) else "was never completed (the run was most likely killed while saving it)"
+        ours = any(step.glob(STATE_FILE.format(rank="*")))
+        what = ("was never completed (the run was most likely killed while saving it)" if ours
+                else "is no sdft_ds checkpoint")
         raise CheckpointError(
             f"resume_from_checkpoint={spec!r}: {step} {what} (on rank {rank}'s disk). Expected a `checkpoints` folder "
             f"with a `latest` file, or one of its step-N folders holding {COMPLETE}. Checkpoints are written every "
@@ -147,15 +148,6 @@ def open_checkpoint(spec: str, output_dir: str, rank: int, world_size: int) -> t
         raise CheckpointError(f"{mine} cannot be read ({type(error).__name__}: {error}); resume from an earlier "
                               "step-N.") from None
     return folder, tag, record
-
-
-def agree(problem: str | None, tag_number: int, any_rank, same_everywhere) -> None:
-    """Raise on every rank if any rank found a problem or the ranks found different checkpoints."""
-    if any_rank(problem is not None):
-        raise CheckpointError(problem or "another rank cannot resume from this checkpoint (its error names why).")
-    if not same_everywhere(tag_number):
-        raise CheckpointError("the ranks found different checkpoints (each reads its own disk's `latest`): pass the "
-                              "step-N folder to resume_from_checkpoint.")
 
 
 def mark_complete(step: Path, record: dict) -> None:

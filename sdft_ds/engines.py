@@ -22,7 +22,8 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
-from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import (HfTrainerDeepSpeedConfig, set_hf_deepspeed_config,
+                                                 unset_hf_deepspeed_config)
 
 from sdft_ds.config import read_ds_config  # checked there, before any engine: SDFTConfig reads the files a user names
 

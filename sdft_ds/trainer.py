@@ -78,13 +78,13 @@ class SDFTTrainer:
         self.prompts = tokenize_prompts(dataset, self.tokenizer, args.max_prompt_length,
                                         args.max_teacher_prompt_length, args.chat_template_kwargs)
         student_config = models.config_of(model, args.model_init_kwargs, role="student")
-        teacher_config = models.config_of(ref_model, args.model_init_kwargs, role="teacher") if ref_model is not None else student_config
+        teacher_config = (student_config if ref_model is None
+                          else models.config_of(ref_model, args.model_init_kwargs, role="teacher"))
         models.check_pair(student_config, teacher_config, self.tokenizer, ref_model, args.teacher_mode)
         models.check_topk(student_config, args.distillation_mode, args.distillation_topk)
         # how each output layer makes logits (refusing what the fused head cannot reproduce); a live teacher is the
         # student
         self.heads = (models.logit_transform(student_config), models.logit_transform(teacher_config))
-
 
         self.rank, self.world_size = engines.init_distributed()
         self.fingerprint = self._fingerprint(model, ref_model)
@@ -158,7 +158,8 @@ class SDFTTrainer:
         rows = (-engines.max_over_ranks(-len(self.prompts)), engines.max_over_ranks(len(self.prompts)))
         if not same:
             raise ValueError(
-                f"The ranks were given different data or settings (prompt rows per rank: {rows[0]:.0f} to {rows[1]:.0f}): "
+                "The ranks were given different data or settings (prompt rows per rank: "
+                f"{rows[0]:.0f} to {rows[1]:.0f}): "
                 "give every rank the same, whole dataset and the same arguments; sdft_ds gives each rank its own "
                 "prompts. A dataset pre-sharded per rank must be passed whole instead.")
 
