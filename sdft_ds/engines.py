@@ -88,12 +88,18 @@ def side_group(timeout_s: float):
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def shutdown() -> None:
-    """Leave the process group before the interpreter exits (PyTorch asks for it; an implicit teardown at exit
-    can abort a run that has finished), and stop transformers from building later models under ZeRO-3 (while a
-    config is registered, `from_pretrained` in the same process returns a partitioned, seemingly empty model)."""
+def forget_hf_config() -> None:
+    """Stop transformers from building later models under ZeRO-3: while a config is registered, `from_pretrained`
+    in the same process returns a partitioned, seemingly empty model."""
     unset_hf_deepspeed_config()
     _registered.clear()
+
+
+def shutdown() -> None:
+    """At the end of a process: forget the ZeRO-3 config and leave the process group (PyTorch asks for it; an
+    implicit teardown at exit can abort a run that has finished). DeepSpeed caches its groups, so no engine can
+    be built in this process afterwards."""
+    forget_hf_config()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -89,6 +89,7 @@ class SDFTTrainer:
         self.rank, self.world_size = engines.init_distributed()
         self.fingerprint = self._fingerprint(model, ref_model)
         self._check_ranks_agree()
+        self.earlier_checkpoints: list[Path] = []  # this run's own, found at start: train() must be asked to resume
         self.resume_from = self._open_checkpoint(args.resume_from_checkpoint)
         if self.resume_from is None:
             self._claim_output_dir()
@@ -188,16 +189,18 @@ class SDFTTrainer:
         return folder, tag, record
 
     def _claim_output_dir(self) -> None:
-        """A fresh run must be able to write its output_dir, and must not share it with an earlier run's
-        checkpoints (a later `--resume_from_checkpoint latest` would continue that run and export its model)."""
+        """A fresh run must be able to write its output_dir and must not mix with an earlier run's checkpoints
+        there: a later `--resume_from_checkpoint latest` would continue that run and export its model. Checkpoints
+        of another fingerprint are refused now (this run could not resume them either); this run's own, as when a
+        job is resubmitted, wait for train(), which may be asked to resume them (Hugging Face's idiom)."""
         output = Path(self.args.output_dir)
         previous = sorted((output / "checkpoints").glob(f"step-*/{checkpoint.COMPLETE}"))
         problem = None
         if previous and not self.args.overwrite_output_dir:
-            problem = (f"output_dir {output} holds checkpoints of an earlier run "
-                       f"({', '.join(p.parent.name for p in previous)}). Continue it with --resume_from_checkpoint "
-                       "latest, choose another output_dir, or pass --overwrite_output_dir true to start afresh (its "
-                       "checkpoints are then deleted).")
+            saved = json.loads(previous[-1].read_text()).get("fingerprint", {})
+            if checkpoint.changed_settings(saved, self.fingerprint):
+                problem = self._earlier_run_message(previous)
+            self.earlier_checkpoints = previous
         elif self._writes_checkpoints():
             try:
                 if previous:
@@ -208,6 +211,12 @@ class SDFTTrainer:
             except OSError as error:
                 problem = f"output_dir {output} cannot be written ({error.strerror}): choose another output_dir."
         self._together(problem)
+
+    def _earlier_run_message(self, previous: list[Path]) -> str:
+        return (f"output_dir {self.args.output_dir} holds checkpoints of an earlier run "
+                f"({', '.join(p.parent.name for p in previous)}). Continue it with --resume_from_checkpoint latest "
+                "(train(resume_from_checkpoint='latest')), choose another output_dir, or pass --overwrite_output_dir "
+                "true to start afresh (its checkpoints are then deleted).")
 
     def _writes_checkpoints(self) -> bool:
         """Rank 0 writes the shared files; with save_on_each_node, each node's first rank writes its own disk's."""
@@ -258,6 +267,8 @@ class SDFTTrainer:
         args = self.args
         if resume_from_checkpoint is not None:
             self.resume_from = self._open_checkpoint(resume_from_checkpoint)
+        self._together(self._earlier_run_message(self.earlier_checkpoints)
+                       if self.earlier_checkpoints and self.resume_from is None and self.step == 0 else None)
         if self.resume_from is not None:
             self._resume(*self.resume_from)
             self.resume_from = None

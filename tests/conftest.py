@@ -24,6 +24,15 @@ os.environ.setdefault("SDFT_PROGRESS", "0")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a subprocess: without the rendezvous variables that a trainer built in this process put
+    there (a child would take itself for that one-rank group and its port, still held)."""
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, **extra}
+
+
 def launch(command: list[str], timeout: int = 900, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
     """Run `command` (after `deepspeed --num_gpus N --master_port P`) and fail with its output on error."""
     port = free_port()
@@ -31,7 +40,7 @@ def launch(command: list[str], timeout: int = 900, env: dict | None = None, rank
             *command]
     try:
         done = subprocess.run(full, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+                              env=child_env(**(env or {})))
     finally:
         remove_shm(port)
     if done.returncode != 0:
@@ -42,7 +51,7 @@ def launch(command: list[str], timeout: int = 900, env: dict | None = None, rank
 
 def run_python(command: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env=child_env(**(env or {})))
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
                     f"--- stderr\n{done.stderr[-8000:]}")
@@ -64,13 +73,10 @@ def tokenizer():
 
 @pytest.fixture
 def in_process():
-    """For tests that build a trainer in the pytest process: afterwards no process group, no registered ZeRO-3
-    config (later from_pretrained calls here would build partitioned models) and none of the rendezvous variables
-    the one-rank group put in the environment (subprocesses would inherit its port, still held)."""
-    saved = dict(os.environ)
+    """For tests that build a trainer in the pytest process: afterwards no registered ZeRO-3 config (later
+    from_pretrained calls here would build partitioned models). The one-rank process group stays: DeepSpeed caches
+    it, so the next in-process trainer reuses it (subprocesses get `child_env`)."""
     yield
     from sdft_ds import engines
 
-    engines.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+    engines.forget_hf_config()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, launch, read_reports
+from conftest import REPO, child_env, launch, read_reports
 from helpers import free_port, remove_shm
 from sdft_ds import checkpoint
 from sdft_ds.checkpoint import COMPLETE, STATE_FILE, CheckpointError
@@ -113,6 +113,17 @@ def test_a_new_run_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_pa
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_the_same_run_resubmitted_resumes_only_when_asked(tmp_path, in_process):
+    first = _trainer(tmp_path, max_steps=2)
+    first.train_step()
+    first.save_checkpoint()
+    again = _trainer(tmp_path, max_steps=2)  # its own checkpoints: Hugging Face's idiom resumes in train()
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(step-1\)"):
+        again.train()
+    again.train(resume_from_checkpoint="latest")
+    assert again.step == 2 and (tmp_path / "checkpoints" / "step-1" / COMPLETE).is_file()
+
+
 def test_resume_refuses_a_checkpoint_saved_with_other_data_or_batch_geometry(tmp_path, in_process):
     saved = {"per_device_train_batch_size": 4, "dataset": "16 rows, tokens sha256 0123456789abcdef"}
     _checkpoint(tmp_path, 5, ranks=1, fingerprint=saved)
@@ -156,7 +167,7 @@ def test_ranks_given_different_datasets_fail_together_instead_of_hanging(tmp_pat
     try:
         done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                                str(port), "tests/distributed/sharded_data.py", "--out", str(tmp_path)], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
+                              env=child_env(), capture_output=True, text=True, timeout=600)
     finally:
         remove_shm(port)
     log = done.stdout + done.stderr
@@ -171,8 +182,8 @@ def test_a_rank_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_ch
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
                "launch/train.py", "--config", "launch/recipes/demo.yaml", "--output_dir", str(out), "--max_steps", "5",
                "--save_steps", "1", "--logging_steps", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     target = out / "checkpoints" / "step-3" / STATE_FILE.format(rank=1)
     try:
         while not target.exists() and process.poll() is None:  # rank 1 has begun saving step 3
@@ -198,7 +209,7 @@ def test_a_rank_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_ch
     port = free_port()
     try:
         done = subprocess.run(command[:6] + [str(port)] + command[7:] + ["--resume_from_checkpoint", "latest"],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     finally:
         remove_shm(port)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -2,13 +2,12 @@
 tokenizer sources, the hub offline, and what `launch/train.py` checks before it builds the trainer."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 from sdft_ds.assets import DEMO_HELDOUT, DEMO_TRAIN, model_dir
 from sdft_ds.cli import main
 from sdft_ds.models import config_of
@@ -37,7 +36,7 @@ def test_a_hub_name_offline_gives_one_short_error_naming_the_model():
             "lambda: load_tokenizer('sdft-ds-test/absent')):\n"
             "    try:\n        load()\n    except OSError:\n        traceback.print_exc()\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env=child_env(HF_HUB_OFFLINE="1"))
     assert done.returncode == 0, done.stderr[-4000:]
     for role in ("teacher", "tokenizer"):
         assert (f"OSError: {role} 'sdft-ds-test/absent' is not in the local Hugging Face cache and the hub is "

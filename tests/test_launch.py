@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, child_env
 from helpers import free_port, remove_shm
 
 pytestmark = pytest.mark.multirank
@@ -24,7 +24,7 @@ DEMO = ["launch/train.py", "--config", "launch/recipes/demo.yaml", "--logging_st
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}  # conftest puts the venv's `deepspeed` (run.sh runs it) on PATH
+    return child_env(PYTHONUNBUFFERED="1")  # conftest puts the venv's `deepspeed` (run.sh runs it) on PATH
 
 
 def _checkout(folder: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch, read_reports
+from conftest import REPO, child_env, launch, read_reports
 from helpers import free_port, remove_shm
 
 pytestmark = pytest.mark.multirank
@@ -35,7 +35,7 @@ def _train_command(port: int, out: Path, *extra: str) -> list[str]:
 
 def test_sigterm_saves_a_checkpoint_and_the_command_line_resumes(tmp_path):
     out, port = tmp_path / "run", free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     command = _train_command(port, out, "--save_steps", "1", "--save_total_limit", "2")
     process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
