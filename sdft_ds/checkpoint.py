@@ -104,9 +104,9 @@ def _find(spec: str, output_dir: str) -> tuple[Path, str]:
     named = (path / "latest").read_text().strip()
     if (path / named / COMPLETE).is_file():
         return path, named
-    limit = _step_number(named)
-    earlier = sorted((p for p in path.glob("step-*") if (p / COMPLETE).is_file() and _step_number(p.name) is not None
-                      and (limit is None or _step_number(p.name) < limit)), key=lambda p: _step_number(p.name))
+    limit = step_number(named)
+    earlier = sorted((p for p in path.glob("step-*") if (p / COMPLETE).is_file() and step_number(p.name) is not None
+                      and (limit is None or step_number(p.name) < limit)), key=lambda p: step_number(p.name))
     if not earlier:
         raise CheckpointError(f"{path / named} was never completed (no {COMPLETE}: the run was most likely killed "
                               "while saving it) and no complete checkpoint precedes it. Start the run afresh.")
@@ -175,7 +175,7 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             if saved.get(k) != current.get(k)]
 
 
-def _step_number(name: str) -> int | None:
+def step_number(name: str) -> int | None:
     number = name.removeprefix("step-")
     return int(number) if name.startswith("step-") and number.isdigit() else None
 
@@ -208,13 +208,13 @@ def prune(directory: Path, keep: int, saved: str) -> list[Path]:
     left of that run), only named in a warning, once.
     """
     latest = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
-    newest = _step_number(saved)
+    newest = step_number(saved)
     if newest is None:
         raise ValueError(f"prune needs the step-N tag just saved in {directory}, got {saved!r}.")
-    steps = sorted((p for p in directory.glob("step-*") if _step_number(p.name) is not None),
-                   key=lambda p: _step_number(p.name))
-    current = [p for p in steps if _step_number(p.name) <= newest]
-    abandoned = [p for p in steps if _step_number(p.name) > newest and p.resolve() not in _reported_abandoned]
+    steps = sorted((p for p in directory.glob("step-*") if step_number(p.name) is not None),
+                   key=lambda p: step_number(p.name))
+    current = [p for p in steps if step_number(p.name) <= newest]
+    abandoned = [p for p in steps if step_number(p.name) > newest and p.resolve() not in _reported_abandoned]
     if abandoned:
         _reported_abandoned.update(p.resolve() for p in abandoned)
         logger.warning("%s: numbered above the checkpoint just saved (%s), so left by the run this one was resumed "

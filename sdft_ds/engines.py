@@ -570,6 +570,11 @@ def nonfinite_parameter(engine) -> str | None:
     return None
 
 
+def range_over_ranks(value: float) -> tuple[float, float]:
+    """(smallest, largest) `value` over the ranks; equal when every rank holds the same."""
+    return -max_over_ranks(-value), max_over_ranks(value)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on one (one small all-reduce)."""
     return max_over_ranks(float(flag)) > 0

@@ -155,9 +155,8 @@ class SDFTTrainer:
         settings = {k: v for k, v in asdict(self.args).items() if k not in PER_NODE_PATHS}
         mine = hashlib.sha256(json.dumps([self.fingerprint, settings], sort_keys=True, default=str).encode())
         code = float(int(mine.hexdigest()[:12], 16))  # exact in float64
-        same = engines.max_over_ranks(code) == -engines.max_over_ranks(-code)
-        rows = (-engines.max_over_ranks(-len(self.prompts)), engines.max_over_ranks(len(self.prompts)))
-        if not same:
+        codes, rows = engines.range_over_ranks(code), engines.range_over_ranks(len(self.prompts))
+        if codes[0] != codes[1]:
             raise ValueError(
                 "The ranks were given different data or settings (prompt rows per rank: "
                 f"{rows[0]:.0f} to {rows[1]:.0f}): "
@@ -176,8 +175,8 @@ class SDFTTrainer:
             problem = str(error)
         self._together(problem, checkpoint.CheckpointError)
         folder, tag, record = found
-        step = float(record["state"]["step"])
-        if engines.max_over_ranks(step) != -engines.max_over_ranks(-step):
+        steps = engines.range_over_ranks(float(record["state"]["step"]))
+        if steps[0] != steps[1]:
             raise checkpoint.CheckpointError(f"the ranks found different checkpoints for {spec!r} (each reads its own "
                                              "disk's `latest`): pass the step-N folder to resume_from_checkpoint.")
         changed = checkpoint.changed_settings(record.get("fingerprint", {}), self.fingerprint)
@@ -194,7 +193,8 @@ class SDFTTrainer:
         of another fingerprint are refused now (this run could not resume them either); this run's own, as when a
         job is resubmitted, wait for train(), which may be asked to resume them (Hugging Face's idiom)."""
         output = Path(self.args.output_dir)
-        previous = sorted((output / "checkpoints").glob(f"step-*/{checkpoint.COMPLETE}"))
+        previous = sorted((output / "checkpoints").glob(f"step-*/{checkpoint.COMPLETE}"),
+                          key=lambda p: checkpoint.step_number(p.parent.name) or 0)
         problem = None
         if previous and not self.args.overwrite_output_dir:
             saved = json.loads(previous[-1].read_text()).get("fingerprint", {})
