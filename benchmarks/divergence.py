@@ -12,6 +12,7 @@ MemAvailable), and CPU cases estimated to run longer than --case-budget-s, are s
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -39,8 +40,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(device, dtype, hidden, tokens, vocab, alpha, chunked, token_chunk, vocab_chunk, repeats) -> dict:
-    """One case in this process: {'peak_gb', 'seconds'} (median over repeats; a warm-up first on CUDA)."""
+def run_case(device, dtype, hidden, tokens, vocab, alpha, chunked, token_chunk, vocab_chunk, repeats,
+             liger=False) -> dict:
+    """One case in this process: {'peak_gb', 'seconds', 'loss'} (median over repeats; a warm-up first on CUDA).
+    liger: Liger-Kernel's LigerFusedLinearJSD on the same inputs instead (its jsd_beta is our alpha at 0.5, and
+    its mean over tokens is our loss with weights 1/N)."""
     dtype = getattr(torch, dtype)
     g = torch.Generator(device).manual_seed(0)
 
@@ -52,10 +56,17 @@ def run_case(device, dtype, hidden, tokens, vocab, alpha, chunked, token_chunk, 
     h_t, w_t = randn(tokens, hidden), randn(vocab, hidden, scale=hidden ** -0.5)
     weights = torch.full((tokens,), 1.0 / tokens, device=device)
     kw = dict(alpha=alpha, chunked=chunked, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+    if liger:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        fused = LigerFusedLinearJSD(jsd_beta=alpha)
+    losses = []
 
     def step():
         h_s.grad = w_s.grad = None
-        linear_divergence(h_s, w_s, h_t, w_t, weights, **kw).loss.backward()
+        loss = fused(h_s, w_s, h_t, w_t) if liger else linear_divergence(h_s, w_s, h_t, w_t, weights, **kw).loss
+        loss.backward()
+        losses.append(loss.detach())
 
     if device == "cuda":
         step()  # warm-up
@@ -75,8 +86,9 @@ def run_case(device, dtype, hidden, tokens, vocab, alpha, chunked, token_chunk, 
     seconds = statistics.median(times)
     if device == "cuda":
         total = torch.cuda.max_memory_allocated()
-        return dict(peak_gb=(total - base) / GB, total_gb=total / GB, seconds=seconds)
-    return dict(peak_gb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / GB, seconds=seconds)
+        return dict(peak_gb=(total - base) / GB, total_gb=total / GB, seconds=seconds, loss=losses[-1].item())
+    return dict(peak_gb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / GB, seconds=seconds,
+                loss=losses[-1].item())
 
 
 def in_subprocess(case: dict) -> dict:
@@ -169,6 +181,25 @@ def main():
             else:
                 row[chunked] = in_subprocess(case)
         print(format_row(hidden, tokens, vocab, alpha, row[False], row[True]), flush=True)
+    if args.device == "cuda":
+        liger_row(dict(device="cuda", dtype="bfloat16", **LIGER_CASE, alpha=0.5, chunked=True,
+                       token_chunk=token_chunk, vocab_chunk=vocab_chunk, repeats=3))
+
+
+def liger_row(case: dict) -> None:
+    """Liger-Kernel itself on the last case (its own JSD benchmark's shape), against our chunked path, in this run."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("\nLiger-Kernel not installed: its case ran ours only (pip install liger-kernel to compare)")
+        return
+    ours, theirs = run_case(**case), run_case(**dict(case, liger=True))
+    torch.cuda.empty_cache()
+    print(f"\nLiger-Kernel LigerFusedLinearJSD vs linear_divergence, H={case['hidden']} N={case['tokens']} "
+          f"V={case['vocab']:,} alpha={case['alpha']:g} {case['dtype']}:")
+    print("| | peak GB (total) | time s | loss |\n|---|---|---|---|")
+    for name, r in (("liger", theirs), ("sdft_ds chunked", ours)):
+        print(f"| {name} | {r['peak_gb']:.2f} ({r['total_gb']:.1f}) | {r['seconds']:.4f} | {r['loss']:.6f} |")
+    print(f"ours/liger: time {ours['seconds'] / theirs['seconds']:.2f}×, peak {ours['peak_gb'] / theirs['peak_gb']:.2f}×,"
+          f" loss rel. diff {abs(ours['loss'] - theirs['loss']) / abs(theirs['loss']):.1e}")
 
 
 def format_row(hidden, tokens, vocab, alpha, dense, chunked) -> str:
