@@ -64,7 +64,7 @@ def run_case(device, dtype, hidden, tokens, vocab, alpha, chunked, token_chunk, 
 
     def step():
         h_s.grad = w_s.grad = None
-        loss = fused(h_s, w_s, h_t, w_t) if liger else linear_divergence(h_s, w_s, h_t, w_t, weights, **kw).loss
+        loss = fused(h_s, w_s, h_t, w_t, None) if liger else linear_divergence(h_s, w_s, h_t, w_t, weights, **kw).loss
         loss.backward()
         losses.append(loss.detach())
 

@@ -3,7 +3,7 @@ in the same processes, on the same prompts, with the mechanism counted (ZeRO-3 h
 
     deepspeed --num_gpus 1 benchmarks/rollout.py --prompts 16       # CPU, 1 rank: the 6 M Qwen2 of benchmarks/step.py
     deepspeed --num_gpus 2 benchmarks/rollout.py --prompts 8        # CPU, 2 ZeRO-3 ranks: the same global batch
-    deepspeed --num_gpus 1 benchmarks/rollout.py --model llama-1b   # GPU: ~1.1B Llama from a config, + hybrid engine
+    deepspeed --num_gpus 1 benchmarks/rollout.py --model llama-1b   # GPU: ~1.1B Llama from a config
 
 Every path decodes exactly --new_tokens tokens per prompt (no EOS can stop it), so tokens/s is decoding speed at a
 known length; greedy tokens of each path are compared with plain generate's. Paths run interleaved, best of
@@ -63,7 +63,7 @@ model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 plain = AutoModelForCausalLM.from_config(config, dtype=dtype)  # the unpartitioned baseline, same weights
 plain.load_state_dict(model.state_dict())
 plain.eval()
-ds_config = "zero3_offload_hybrid_engine.json" if cuda else "zero3_offload.json"
+ds_config = "zero3_offload.json"
 args = SDFTConfig(output_dir="/tmp/sdft-rollout-bench", max_steps=1, bf16=cuda, teacher_mode="live",
                   max_completion_length=cli.new_tokens, deepspeed=str(DS_CONFIG_DIR / ds_config))
 trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=str(DEMO_TRAIN_CHAT))
@@ -90,7 +90,7 @@ paths = {"plain": PlainGenerate(),
          "gather_once": HFGenerateRollout(engine, never, pad, True, trainer.world_size),
          "gather_once+compiled": HFGenerateRollout(engine, never, pad, True, trainer.world_size, compiled=True),
          "per_layer": HFGenerateRollout(engine, never, pad, False, trainer.world_size)}
-blocker = hybrid_engine_blocker(config, cuda, cuda)
+blocker = engines.hybrid_engine_incompatibility() or hybrid_engine_blocker(config, True, cuda)
 if blocker is None:
     paths["hybrid_engine"] = HybridEngineGenerate(engine, tokenizer, never, pad)
 

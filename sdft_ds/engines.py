@@ -146,7 +146,7 @@ def fill_ds_config(source: str | dict, args, world_size: int, hidden_size: int,
 
 def check_accelerator(args) -> None:
     """Refuse what this machine's accelerator cannot train, before any model is loaded (DeepSpeed refuses it only
-    when it builds the engine): a precision it lacks, the hybrid engine's CUDA kernels elsewhere. Not in
+    when it builds the engine): a precision it lacks, the hybrid engine where it cannot run. Not in
     SDFTConfig: a config may be written on a machine other than the one that trains."""
     accelerator = get_accelerator()
     for name, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
@@ -155,10 +155,10 @@ def check_accelerator(args) -> None:
                              f"({accelerator.device_name()}). Drop {name} (float32), or choose "
                              f"{'bf16' if name == 'fp16' else 'fp16'} where it is supported.")
     student = read_ds_config(args.student_ds_config_path(), "student")
-    if (student.get("hybrid_engine") or {}).get("enabled") and not torch.cuda.is_available():
-        raise ValueError("The student DeepSpeed config enables `hybrid_engine`, whose inference kernels need CUDA "
-                         "(DeepSpeed fails to build them on CPU). Use a config without it, e.g. "
-                         "ds_configs/zero3_offload.json; generation then gathers the model once per rollout.")
+    if (student.get("hybrid_engine") or {}).get("enabled") and (incompatible := hybrid_engine_incompatibility()):
+        raise ValueError(f"The student DeepSpeed config enables `hybrid_engine`, but {incompatible}. Remove its "
+                         "`hybrid_engine` section (e.g. use ds_configs/zero3_offload.json): rollout_path='auto' then "
+                         "gathers the model once per rollout.")
 
 
 def zero_stage(hf_config: HfDeepSpeedConfig) -> int:
@@ -313,6 +313,18 @@ def numel(engine) -> tuple[int, int]:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     return local, total
+
+
+def hybrid_engine_incompatibility() -> str | None:
+    """Why DeepSpeed's hybrid engine cannot run models of the installed transformers, or None."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # Measured, not assumed: benchmarks/results/gpu_h200.md (the hybrid-engine check on an H200).
+        return ("DeepSpeed 0.19's hybrid engine does not run transformers 5 models: its inference containers expect "
+                "transformers 4's decoder-layer calls (a Llama failed in ds_transformer.forward on an H200 with "
+                "\"'tuple' object has no attribute 'size'\")")
+    return None
 
 
 def hybrid_engine_enabled(engine) -> bool:

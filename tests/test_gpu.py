@@ -23,10 +23,11 @@ def test_zero3_cpu_adam_offload_sdft_run_on_cuda(tmp_path, arch):
     assert report["optimizer"] == "DeepSpeedCPUAdam"
 
 
-def test_hybrid_engine_greedy_tokens_equal_gather_once(tmp_path):
+def test_deepspeed_hybrid_engine_still_fails_under_transformers_5(tmp_path):
+    """Why `hybrid_engine` is refused (engines.hybrid_engine_incompatibility): on an H200 a Llama failed in
+    DeepSpeed's ds_transformer.forward. When this fails, DeepSpeed's kernels agree again: lift the refusal."""
     report = check(tmp_path, "hybrid_engine")
-    assert report["agree"], report
-    assert report["chosen_path"] == "hybrid_engine" and report["trains"]
+    assert not report["agree"], f"the hybrid engine now agrees with gather-once, lift the refusal: {report}"
 
 
 def test_flash_attention_and_sdpa_losses_agree(tmp_path):
