@@ -6,7 +6,8 @@ Paths (chosen once per run by `build_rollout` and logged):
 - per_layer: plain `generate` on the partitioned model; DeepSpeed gathers each layer at each decoding step.
   Slow, but needs only one layer's full weights at a time.
 - hybrid_engine: DeepSpeed's hybrid engine (inference kernels, CUDA only, Llama/OPT/GPT-2/NeoX/J/BLOOM),
-  trusted only after its greedy output matches gather_once on the same prompts and weights.
+  trusted only after its greedy output matches gather_once on the same prompts and weights. Refused while
+  `engines.hybrid_engine_incompatibility` names a reason (transformers 5: measured failing on an H200).
 """
 
 from __future__ import annotations
