@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdft_ds.config import SDFTConfig, describe, field_types
+from sdft_ds.config import SDFTConfig, describe, field_types, package_path
 
 
 @dataclass
@@ -34,6 +34,16 @@ class ScriptArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     eval_dataset_name: str | None = field(default=None, metadata={
         "help": "Held-out rows with an `answer` column: the divergence on them is reported before and after."})
+
+    def __post_init__(self) -> None:
+        # a path written from the checkout's root (the shipped recipes' sdft_ds/assets/...) is found in the installed
+        # package from any working directory; one that exists relative to the working directory wins
+        for name in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, package_path(getattr(self, name)))
+        for name in ("dataset_name", "eval_dataset_name"):  # comma-separated files
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, ",".join(package_path(part) for part in getattr(self, name).split(",")))
 
 
 def _parse_bool(text: str) -> bool:

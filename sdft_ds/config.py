@@ -18,8 +18,10 @@ from typing import Any
 from sdft_ds.divergence_defaults import MODES as DISTILLATION_MODES
 from sdft_ds.divergence_defaults import TOKEN_CHUNK, VOCAB_CHUNK
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+# The installed package (site-packages/sdft_ds after `pip install`, the checkout's sdft_ds/ when editable): the
+# DeepSpeed configs ship in it as package data, and the checkout's top-level ds_configs/ is a link to them.
+PACKAGE_DIR = Path(__file__).resolve().parent
+DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"
 
 TEACHER_MODES = ("frozen", "ema", "live")
 LOSS_NORMALIZATIONS = ("sequence", "token")
@@ -69,6 +71,30 @@ def _as_field_type(name: str, value, kinds: set[type]):
     raise ValueError(f"{name} must be {describe(kinds)}, got {value!r} ({type(value).__name__}).")
 
 
+def package_path(name: str | Path) -> str | Path:
+    """A path as a recipe or the command line names it, found from any working directory: as written where it
+    exists there (or is absolute), so that a user's own file wins; else the installed package's copy of a path
+    written from the checkout's root, `sdft_ds/...` (sdft_ds/assets/models/tiny-qwen2-student) or `ds_configs/...`;
+    else as written, for the error that follows to name."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return name
+    head, *rest = path.parts or ("",)
+    base = {"sdft_ds": PACKAGE_DIR, "ds_configs": DS_CONFIG_DIR}.get(head)
+    if base is not None and rest and base.joinpath(*rest).exists():
+        return str(base.joinpath(*rest))
+    return name
+
+
+def ds_config_file(source: str | Path) -> Path:
+    """The file of a DeepSpeed config named by a path (package_path) or, where the working directory has no file of
+    that name, by the bare name of a shipped one: `zero0.json` is DS_CONFIG_DIR/zero0.json."""
+    path = Path(package_path(source))
+    if not path.exists() and len(path.parts) == 1 and (DS_CONFIG_DIR / path).is_file():
+        return DS_CONFIG_DIR / path
+    return path
+
+
 def read_ds_config(source: str | dict, role: str | None = None) -> dict:
     """A DeepSpeed config (a JSON file or a dict) checked for what DeepSpeed would otherwise refuse only while it
     builds an engine: a JSON object, a batch size key, NVMe offload to an existing folder. `role` (student or
@@ -78,10 +104,11 @@ def read_ds_config(source: str | dict, role: str | None = None) -> dict:
     if isinstance(source, dict):
         config = json.loads(json.dumps(source))  # a deep copy that DeepSpeed's filling cannot alias
     else:
-        path = Path(source)
+        path = ds_config_file(source)
         if not path.is_file():
-            raise FileNotFoundError(f"{where} {str(source)!r} does not exist; pass a path to a JSON file such as "
-                                    "ds_configs/zero3_offload.json.")
+            shipped = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+            raise FileNotFoundError(f"{where} {str(source)!r} does not exist; pass a path to a JSON file, or the name "
+                                    f"of one shipped in {DS_CONFIG_DIR}: {shipped}.")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as error:

@@ -7,7 +7,9 @@ import yaml
 
 from sdft_ds import SDFTConfig
 from sdft_ds.cli import parse_args
-from sdft_ds.config import DS_CONFIG_DIR, read_ds_config
+from sdft_ds.config import DS_CONFIG_DIR, ds_config_file, read_ds_config
+
+from conftest import REPO
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -73,18 +75,18 @@ def test_command_line_errors(tmp_path, capsys):
     assert "unknown field(s) ['learnig_rate']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", sorted((DS_CONFIG_DIR.parent / "launch" / "recipes").glob("*.yaml")),
+@pytest.mark.parametrize("recipe", sorted((REPO / "launch" / "recipes").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_recipes_parse_validate_and_document_hardware(recipe):
     script, config = parse_args(["--config", str(recipe)])
     assert "Hardware:" in recipe.read_text()
     for ds_config in (config.student_ds_config_path(), config.teacher_ds_config_path()):
-        assert (DS_CONFIG_DIR.parent / ds_config).is_file() or Path(ds_config).is_file()
+        assert ds_config_file(ds_config).is_file()  # from any working directory
     assert script.model_name_or_path
 
 
 def test_paper_recipe_holds_the_papers_settings():
-    _, config = parse_args(["--config", str(DS_CONFIG_DIR.parent / "launch/recipes/paper_tool_use.yaml")])
+    _, config = parse_args(["--config", str(REPO / "launch/recipes/paper_tool_use.yaml")])
     assert (config.distillation_alpha, config.distillation_mode, config.teacher_mode) == (0.0, "full", "ema")
     assert (config.teacher_update_rate, config.teacher_sync_steps, config.num_generations) == (0.01, 1, 1)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 32)
