@@ -7,6 +7,7 @@ self-distillation fields, so that recipes written for those read the same here.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import numbers
@@ -27,6 +28,8 @@ TEACHER_MODES = ("frozen", "ema", "live")
 LOSS_NORMALIZATIONS = ("sequence", "token")
 DIVERGENCE_IMPLS = ("chunked", "dense")
 ROLLOUT_PATHS = ("auto", "hybrid_engine", "gather_once", "per_layer")
+REPORT_TO = ("none", "wandb", "tensorboard")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # transformers schedulers that get_scheduler cannot build or step with only warm-up and total steps: they need
 # lr_scheduler_kwargs or a metric at each step, which sdft_ds does not pass.
 SCHEDULERS_NEEDING_ARGUMENTS = ("reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
@@ -170,9 +173,11 @@ class SDFTConfig:
     bf16: bool = _help("Train in bfloat16 (fills `bf16.enabled: auto`).", default=False)
     fp16: bool = _help("Train in float16 (fills `fp16.enabled: auto`).", default=False)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass.", default=False)
-    report_to: str = _help("`none`, `wandb` (rank 0 only; WANDB_MODE=offline works without network).",
+    report_to: str = _help("`none`, `wandb` (rank 0 only; WANDB_MODE=offline works without network) or "
+                           "`tensorboard` (event files in <output_dir>/runs/<run>).",
                            default="none")
-    run_name: str | None = _help("Run name for Weights & Biases.", default=None)
+    run_name: str | None = _help("Run name for Weights & Biases; also the TensorBoard folder "
+                                 "<output_dir>/runs/<run_name> (default: the start time).", default=None)
     deepspeed: str | dict | None = _help("Student DeepSpeed config (path or dict); default "
                                          "ds_configs/zero3_offload.json. ZeRO-0/1/2 configs (zero0.json, "
                                          "zero2_offload.json, ...) are faster where the model fits whole on each "
@@ -266,6 +271,16 @@ class SDFTConfig:
                                         "vocabulary in one tile, which benchmarks/divergence.py measured "
                                         "fastest at the same bounded memory.", default=VOCAB_CHUNK)
 
+    # ---- tracking and console ----
+    sample_table_steps: int = _help("Every this many optimizer steps, log a table of sampled completions (prompt, "
+                                    "teacher prompt, completion, per-token divergence) to report_to; 0: never.",
+                                    default=100)
+    sample_table_rows: int = _help("Completions per sample table (rank 0's, from the step's first micro-batch).",
+                                   default=4)
+    deepspeed_log_level: str = _help("Level of DeepSpeed's own log on the ranks: debug, info, warning, error. The "
+                                     "launcher's lines follow its own flag: launch/run.sh --log_level warning ...",
+                                     default="warning")
+
     def __post_init__(self) -> None:
         for name, kinds in _field_kinds().items():  # first: every later check compares numbers
             setattr(self, name, _as_field_type(name, getattr(self, name), kinds))
@@ -347,8 +362,13 @@ class SDFTConfig:
             raise ValueError(f"compile_generation=True compiles the gathered model's forward, but "
                              f"rollout_path={self.rollout_path!r} generates otherwise; use rollout_path='gather_once' "
                              "or 'auto', or drop compile_generation.")
-        if self.report_to not in ("none", "wandb"):
-            raise ValueError(f"report_to={self.report_to!r} is not supported; use 'none' or 'wandb'.")
+        choice("report_to", REPORT_TO)
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard.")
+        choice("deepspeed_log_level", LOG_LEVELS)
+        for name in ("sample_table_steps", "sample_table_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         # the files the user named are read now, not when the engines are built (the teacher's after the student's)
         if self.deepspeed is not None:
             read_ds_config(self.deepspeed, "student")

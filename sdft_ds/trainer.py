@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tok
                           with_teacher_prompts)
 from sdft_ds.divergence import DivergenceOutput, linear_divergence, target_logprobs
 from sdft_ds.rollout import build_rollout, sample, sampling_config
-from sdft_ds.tracking import PhaseClock, StepStats, make_tracker
+from sdft_ds.tracking import PhaseClock, StepStats, make_tracker, sample_rows, set_deepspeed_log_level
 
 
 def _head_divergence(hidden, weight, teacher_hidden, teacher_weight, token_weights, **kwargs):
@@ -67,6 +68,7 @@ class SDFTTrainer:
     def __init__(self, model, ref_model=None, args: SDFTConfig | None = None, processing_class=None,
                  train_dataset=None):
         self.args = args = args if args is not None else SDFTConfig()
+        set_deepspeed_log_level(args.deepspeed_log_level)
         engines.check_accelerator(args)
         if train_dataset is None:
             raise ValueError("train_dataset is required: rows with 'prompt' and 'teacher_prompt'.")
@@ -128,7 +130,10 @@ class SDFTTrainer:
         self.prompts_truncated = 0
         self.teacher_prompts_truncated = 0
         self.stop_signal = 0  # the signal that stopped train() early, after saving a checkpoint
-        self.window = StepStats(engines.device())  # metrics of the steps since the last log
+        self.window = StepStats(engines.device(), args.max_completion_length)  # metrics since the last log
+        self.samples: list[dict] = []  # rank 0's rows for the next sample table (tracking.sample_rows)
+        self.tracking_state: dict = {}  # rank 0: the report_to run (W&B id) a checkpoint keeps for a resume
+        self.summary: dict[str, float] = {}  # the last train() call's: steps, seconds, tokens/s
         self._teacher_head: torch.Tensor | None = None  # see _teacher_weight
 
     # ------------------------------------------------------------ construction helpers
@@ -272,23 +277,40 @@ class SDFTTrainer:
         if self.resume_from is not None:
             self._resume(*self.resume_from)
             self.resume_from = None
-        tracker = make_tracker(args, self.rank, self.total_steps, {
-            **asdict(args), "run": {**self.fingerprint, "world_size": self.world_size},
-            "deepspeed_resolved": self.student.config})  # the config with every "auto" filled
+        tracker, problem = None, None
+        try:  # rank 0 reports; its failure (no W&B login, ...) must stop every rank, not leave them in a collective
+            tracker = make_tracker(args, self.rank, self.total_steps, {
+                **asdict(args), "run": {**self.fingerprint, "world_size": self.world_size},
+                "deepspeed_resolved": self.student.config},  # the config with every "auto" filled
+                resume=self.tracking_state, start_step=self.step)  # a resumed run continues its W&B run
+        except Exception as error:
+            problem = f"report_to={args.report_to!r} could not start ({type(error).__name__}: {error})."
+        self._together(problem, RuntimeError)
+        self.tracking_state = tracker.state()
         local, total = engines.numel(self.student)
         tracker.info(f"student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
                      f"generation: {self.rollout.name}; optimizer steps {self.step} -> {self.total_steps}")
+        first_step, started = self.step, time.perf_counter()
         with checkpoint.StopSignals() as stop:
-            metrics = self._loop(tracker, stop)
-        tracker.close()
+            metrics, tokens = self._loop(tracker, stop)
+        seconds = time.perf_counter() - started
+        tokens = float(engines.all_reduce_sum(torch.tensor(tokens, dtype=torch.float64, device=engines.device())))
+        self.summary = {"steps": self.step, "steps_run": self.step - first_step, "seconds": seconds,
+                        "tokens_per_second": tokens / max(seconds, 1e-9), "teacher_syncs": self.teacher_syncs,
+                        "nonfinite_steps": self.nonfinite_steps}
+        tracker.close(self.summary)
         return metrics
 
-    def _loop(self, tracker, stop: checkpoint.StopSignals) -> dict[str, float]:
+    def _loop(self, tracker, stop: checkpoint.StopSignals) -> tuple[dict[str, float], float]:
+        """(the last logged metrics, tokens this rank trained on)."""
         args = self.args
         metrics: dict[str, float] = {}
+        tokens = 0.0
         while self.step < self.total_steps:
             learning_rate = engines.learning_rate(self.student)  # the rate this step uses
-            self.window.add_step(self.train_step())
+            seconds = self.train_step()
+            tokens += seconds["tokens"]
+            self.window.add_step(seconds)
             tracker.advance(self.step)
             if self.step % args.logging_steps == 0 or self.step == self.total_steps:
                 metrics = self.window.reduce(self.world_size, counts={
@@ -296,8 +318,11 @@ class SDFTTrainer:
                     "teacher_prompts_truncated": self.teacher_prompts_truncated})
                 metrics.update(learning_rate=learning_rate, teacher_syncs=self.teacher_syncs,
                                nonfinite_steps=self.nonfinite_steps)
-                tracker.log(metrics, self.step)
-                self.window = StepStats(engines.device())
+                tracker.log(metrics, self.step, self.window.length_histogram)
+                self.window = StepStats(engines.device(), args.max_completion_length)
+            if self.samples:
+                tracker.log_samples(self.samples, self.step)
+                self.samples = []
             self.stop_signal = int(engines.max_over_ranks(stop.signum))  # every rank stops at the same step
             if self.stop_signal or (args.save_steps and self.step % args.save_steps == 0):
                 with PhaseClock(engines.synchronize) as clock, clock("checkpoint"):
@@ -308,7 +333,7 @@ class SDFTTrainer:
                 tracker.info(f"stopped by signal {self.stop_signal} after optimizer step {self.step}; continue with "
                              f"--resume_from_checkpoint {Path(path).parent}")
                 break
-        return metrics
+        return metrics, tokens
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step, the recipe of SDFT: rollout (when no generated batch is left) → per micro-batch
@@ -331,6 +356,8 @@ class SDFTTrainer:
                 with clock("student_forward"):
                     out = self._divergence(batch, teacher_hidden, self._token_weights(batch, step_loss_tokens),
                                            stale=self.step > batch.rollout_step)
+                if batch is micro_batches[0] and self._samples_due():  # rank 0, host work only
+                    self.samples = sample_rows(batch, out.per_token, self.tokenizer, args.sample_table_rows)
                 with clock("backward"):
                     self.student.backward(out.loss)
                 with clock("optimizer_step"):  # DeepSpeed steps the optimizer at the accumulation boundary only
@@ -345,6 +372,13 @@ class SDFTTrainer:
             with clock("teacher_sync"):
                 self._sync_teacher()
         return {**clock.seconds, "tokens": tokens, "completion_tokens": completion_tokens, "completions": completions}
+
+    def _samples_due(self) -> bool:
+        """Whether the step under way (self.step + 1) logs a sample table: every sample_table_steps, on rank 0
+        (the others' tracker reports nothing), when something reports it."""
+        every = self.args.sample_table_steps
+        return (self.rank == 0 and every > 0 and self.args.report_to != "none" and self.args.sample_table_rows > 0
+                and (self.step + 1) % every == 0)
 
     def _count_nonfinite(self, nonfinite_loss: bool) -> None:
         """A step with a non-finite loss on any rank, or whose non-finite gradients the optimizer skipped (fp16's
@@ -502,7 +536,8 @@ class SDFTTrainer:
         state = {"step": self.step, "teacher_syncs": self.teacher_syncs, "sampler": self.sampler.state_dict(),
                  "prompts_truncated": (self.prompts_truncated, self.teacher_prompts_truncated),
                  "queue": [batch.state_dict() for batch in self.queue], "rng": checkpoint.rng_state(),
-                 "ema": None if self.ema is None else self.ema.state_dict()}
+                 "ema": None if self.ema is None else self.ema.state_dict(),
+                 "tracking": self.tracking_state}  # rank 0's: the W&B run a resumed run continues
         try:
             checkpoint.save_state(state, directory / tag / checkpoint.STATE_FILE.format(rank=self.rank))
             problem = None
@@ -534,6 +569,7 @@ class SDFTTrainer:
         self.step, self.teacher_syncs = state["step"], state["teacher_syncs"]
         self.prompts_truncated, self.teacher_prompts_truncated = state["prompts_truncated"]
         self.sampler.load_state_dict(state["sampler"])
+        self.tracking_state = state.get("tracking") or {}  # checkpoints before it was kept have none
         self.queue = [MicroBatch.from_state_dict(b, engines.device()) for b in state["queue"]]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])

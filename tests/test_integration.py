@@ -1,14 +1,12 @@
 """End-to-end SDFT under `deepspeed --num_gpus 2` on CPU: real ZeRO-3 engines, CPU-Adam offload, a real
 teacher engine, sampling, a checkpoint on disk, and an offline Weights & Biases run."""
 
-import json
-import struct
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import launch, read_reports
+from sdft_ds.tracking import read_wandb_history as wandb_history
 
 pytestmark = pytest.mark.multirank
 
@@ -58,28 +56,6 @@ def test_saved_model_loads_equal_and_generates(frozen_dir, tokenizer):
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
-
-
-def wandb_history(run_file) -> list[dict]:
-    """History rows of an offline W&B run file: a LevelDB-style log (32 KiB blocks, 7-byte record headers) of
-    protobuf records, read back the way `wandb sync` does."""
-    from wandb.proto import wandb_internal_pb2
-
-    raw, block, pos, pending, rows = run_file.read_bytes(), 32768, 7, b"", []  # 7: the ':W&B' file header
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        pending += raw[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
 
 
 def test_metrics_reach_weights_and_biases_from_rank_zero_only(frozen_dir, frozen_run):
