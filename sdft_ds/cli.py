@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from sdft_ds.config import SDFTConfig, describe, field_types, package_path
+from sdft_ds.config import TRL_ALIASES, TRL_UNSUPPORTED, SDFTConfig, describe, field_types, package_path
 
 
 @dataclass
@@ -125,11 +125,13 @@ def _read_recipe(parser: argparse.ArgumentParser, recipe: str, hints: dict) -> d
         parser.error(f"cannot read the recipe {recipe}: {error}")
     if not isinstance(values, dict):
         parser.error(f"{recipe} must be a YAML mapping of field: value.")
-    unknown = sorted(set(values) - set(hints))
+    trl_names = set(TRL_ALIASES) | set(TRL_UNSUPPORTED)  # a TRL recipe's own names: SDFTConfig maps or refuses them
+    unknown = sorted(set(values) - set(hints) - trl_names)
     if unknown:
         parser.error(f"{recipe}: unknown field(s) {unknown}; see --help for the valid ones.")
     for name, value in values.items():
-        if isinstance(value, (str, int, float)):  # YAML scalars; a dict (deepspeed) or list is left to SDFTConfig
+        # YAML scalars of our fields; a dict (deepspeed), a list or a TRL name is left to SDFTConfig
+        if name in hints and isinstance(value, (str, int, float)):
             try:
                 values[name] = _converter(hints[name])(str(value))
             except (ValueError, argparse.ArgumentTypeError) as error:

@@ -1,7 +1,9 @@
 """SDFTConfig: every setting of a run, with its default in one place.
 
 Field names follow Hugging Face `TrainingArguments` where one exists, and TRL's `SDFTConfig` for the
-self-distillation fields, so that recipes written for those read the same here.
+self-distillation fields, so that recipes written for those read the same here. Where TRL names or spells a setting
+otherwise (teacher_model_kind, distillation_mode='topk_logits', ...), SDFTConfig takes its spelling too (TRL_ALIASES
+at the end of this file), and refuses by name the TRL settings it does not implement (TRL_UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -343,6 +345,12 @@ class SDFTConfig:
             if placeholder not in self.teacher_prompt_template:
                 raise ValueError(f"teacher_prompt_template must contain {placeholder}; got "
                                  f"{self.teacher_prompt_template!r}.")
+        try:  # a stray brace (JSON in the template) would otherwise fail at the first row, after the config
+            self.teacher_prompt_template.format(prompt="", privileged_context="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"teacher_prompt_template={self.teacher_prompt_template!r} cannot be filled from "
+                             f"{{prompt}} and {{privileged_context}} alone ({type(error).__name__}: {error}); write a "
+                             "literal brace as {{ or }}.") from None
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both set; choose one.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -411,3 +419,153 @@ class SDFTConfig:
     @classmethod
     def field_help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# ---- TRL compatibility ----
+# A config written for TRL's SDFTConfig (the field names and values of TRL 1.6 to 1.16) runs unchanged: each TRL name
+# or value is mapped to ours here and nowhere else, and each TRL setting that sdft_ds does not implement is refused
+# with what to use instead. docs/migrating_from_trl.md lists these tables, and tests/test_trl_compat.py keeps the two
+# in step.
+
+TRL_TEACHER_KINDS = {"base": "frozen", "live": "live", "ema": "ema"}  # TRL's teacher_model_kind -> our teacher_mode
+TRL_DISTILLATION_MODES = {"full_logits": "full", "topk_logits": "topk", "sampled_token": "sampled_token"}
+
+
+def _trl_teacher_kind(value):
+    if value not in TRL_TEACHER_KINDS:
+        raise ValueError(f"teacher_model_kind={value!r} is not valid; choose one of {', '.join(TRL_TEACHER_KINDS)} "
+                         "(TRL's names for teacher_mode = frozen, live, ema).")
+    return TRL_TEACHER_KINDS[value]
+
+
+def _trl_distillation_mode(value):
+    """TRL's values of distillation_mode (full_logits, topk_logits) to ours; our own pass unchanged."""
+    return TRL_DISTILLATION_MODES.get(value, value) if isinstance(value, str) else value
+
+
+def _trl_gather_for_generation(value):
+    """True (TRL's default): gather the weights for generation, which rollout_path='auto' does wherever the model
+    fits (no setting of ours). False: generate on the partitioned model, layer by layer."""
+    if not isinstance(value, bool):
+        raise ValueError(f"ds3_gather_for_generation must be true or false, got {value!r}.")
+    return None if value else "per_layer"
+
+
+# TRL name -> (our name, converter of TRL's value to ours; None from the converter: nothing of ours to set)
+TRL_ALIASES: dict[str, tuple[str, typing.Callable]] = {
+    "teacher_model_kind": ("teacher_mode", _trl_teacher_kind),
+    "distillation_mode": ("distillation_mode", _trl_distillation_mode),  # our name, TRL's values
+    "ds3_gather_for_generation": ("rollout_path", _trl_gather_for_generation),
+}
+
+_VLLM = ("sdft_ds generates inside its DeepSpeed engines, without vLLM: rollout_path (auto picks gather_once, or "
+         "per_layer where the model does not fit) and compile_generation=True (static KV cache, CUDA graphs) are its "
+         "fast paths. "
+         "Drop use_vllm and the vllm_* fields.")
+_NO_EVAL = ("sdft_ds runs no evaluation loop during training; a held-out set's divergence before and after training "
+            "is reported with eval_dataset_name (launch/train.py) or SDFTTrainer.heldout_divergence().")
+
+# TRL (or transformers TrainingArguments) field that sdft_ds does not implement -> (values accepted because they ask
+# for what sdft_ds does anyway, which include TRL's default so that a dumped TRL config passes; the message for any
+# other value, naming what to use instead).
+TRL_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "use_vllm": ((False,), _VLLM),
+    **{name: ((default,), _VLLM) for name, default in (
+        ("vllm_mode", "colocate"), ("vllm_model_impl", "vllm"), ("vllm_enable_sleep_mode", False),
+        ("vllm_server_base_url", None), ("vllm_server_host", "0.0.0.0"), ("vllm_server_port", 8000),
+        ("vllm_group_port", 51216), ("vllm_server_timeout", 240.0), ("vllm_tensor_parallel_size", 1),
+        ("vllm_gpu_memory_utilization", 0.3), ("vllm_max_model_length", None))},
+    "use_teacher_server": ((False,), "The teacher is a DeepSpeed engine of the same job (teacher_deepspeed), not a "
+                           "vLLM server; teacher_model_kind='live' (teacher_mode='live') makes the current student "
+                           "the teacher without a second copy of the weights. Drop use_teacher_server."),
+    "generation_batch_size": ((None,), "Set steps_per_generation = generation_batch_size / "
+                              "(per_device_train_batch_size × number of ranks) instead; TRL derives the one from the "
+                              "other."),
+    "num_generations_eval": ((None,), _NO_EVAL),
+    "eval_strategy": (("no",), _NO_EVAL),
+    "per_device_eval_batch_size": ((8,), _NO_EVAL),
+    "shuffle_dataset": ((True,), "sdft_ds always draws the prompts in a seeded random order; change seed for another "
+                        "order. Drop shuffle_dataset."),
+    "remove_unused_columns": ((False, True), "sdft_ds reads only prompt, teacher_prompt and privileged_context, "
+                              "either way."),
+    "min_p": ((None,), "sdft_ds samples with temperature, top_p and top_k only; cut the tail with top_p or top_k."),
+    "repetition_penalty": ((1.0,), "sdft_ds samples from the student's own distribution (temperature, top_p, "
+                           "top_k) and has no repetition penalty; drop it."),
+    "generation_kwargs": ((None,), "Sampling is set by temperature, top_p, top_k and max_completion_length; other "
+                          "generation arguments are not passed. Drop generation_kwargs."),
+    "cache_implementation": ((None,), "Set compile_generation=True for a static KV cache with a compiled decoding "
+                             "step."),
+    "trust_remote_code": ((False,), "sdft_ds does not load custom model code by name; build the model (and "
+                          "ref_model) yourself with trust_remote_code=True and pass the objects, with their tokenizer "
+                          "as processing_class."),
+    "use_liger_kernel": ((False,), "The divergence is already fused and chunked (divergence_impl='chunked'); "
+                         "drop use_liger_kernel."),
+    "torch_empty_cache_steps": ((None,), "DeepSpeed manages the device memory; drop torch_empty_cache_steps."),
+    "gradient_checkpointing_kwargs": ((None,), "Set gradient_checkpointing=True; its arguments are transformers' "
+                                      "defaults."),
+    "lr_scheduler_kwargs": ((None,), "Choose an lr_scheduler_type that needs no arguments (linear, cosine, "
+                            "constant, constant_with_warmup, ...) with warmup_steps or warmup_ratio."),
+    "optim": (("adamw_torch", "adamw_torch_fused"), "The optimizer is the student DeepSpeed config's 'optimizer' "
+              "section (deepspeed=...), AdamW in ds_configs/; edit that section instead of optim."),
+    "save_strategy": (("steps",), "Checkpoints are written every save_steps optimizer steps (0: none but the final "
+                      "export); set save_steps instead of save_strategy."),
+}
+
+# TRL 1.16's defaults where they differ from ours (in our names and values): SDFTConfig(**TRL_DEFAULTS, ...) trains
+# as TRL's SDFTConfig(...) would. Ours follow the paper (forward KL over the full vocabulary, one completion per
+# prompt).
+TRL_DEFAULTS = {
+    "distillation_mode": "topk", "distillation_alpha": 0.5, "teacher_update_rate": 0.05, "num_generations": 8,
+    "per_device_train_batch_size": 8, "gradient_checkpointing": True, "bf16": True, "learning_rate": 5e-5,
+    "num_train_epochs": 3.0, "save_steps": 500,
+}
+
+
+def _same_setting(value, accepted) -> bool:
+    """`value` asks for the accepted setting: equal, and a bool only where a bool is accepted (False == 0)."""
+    if value is None or accepted is None:
+        return value is accepted
+    return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted
+
+
+def from_trl(kwargs: dict) -> dict:
+    """Keyword arguments of SDFTConfig with TRL's names and values mapped to ours (TRL_ALIASES), TRL's settings that
+    sdft_ds does not implement refused (TRL_UNSUPPORTED), and a TRL name and ours that disagree refused."""
+    ours = dict(kwargs)
+    for trl_name, (name, convert) in TRL_ALIASES.items():
+        if trl_name not in ours:
+            continue
+        value = convert(ours.pop(trl_name))
+        if value is None:
+            continue
+        if name != trl_name and name in ours and ours[name] != value:
+            raise ValueError(f"{trl_name}={kwargs[trl_name]!r} (TRL's name, meaning {name}={value!r}) and "
+                             f"{name}={ours[name]!r} disagree; set only one of them.")
+        ours[name] = value
+    for trl_name, (accepted, message) in TRL_UNSUPPORTED.items():
+        if trl_name not in ours:
+            continue
+        value = ours.pop(trl_name)
+        if not any(_same_setting(value, a) for a in accepted):
+            raise ValueError(f"{trl_name}={value!r} is a TRL setting that sdft_ds does not implement. {message} "
+                             "(docs/migrating_from_trl.md)")
+    unknown = sorted(set(ours) - {f.name for f in fields(SDFTConfig)})
+    if unknown:
+        from transformers import TrainingArguments  # here, on this error only: `import sdft_ds` stays free of torch
+
+        borrowed = [name for name in unknown if name in {f.name for f in fields(TrainingArguments)}]
+        if borrowed:
+            raise ValueError(f"{', '.join(borrowed)}: transformers TrainingArguments field(s) that sdft_ds does not "
+                             "implement; drop them (docs/migrating_from_trl.md lists what each TRL setting becomes).")
+    return ours
+
+
+_dataclass_init = SDFTConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_accepting_trl(self, *args, **kwargs) -> None:
+    _dataclass_init(self, *args, **from_trl(kwargs))
+
+
+SDFTConfig.__init__ = _init_accepting_trl

@@ -97,8 +97,42 @@ def _check_text(value, column: str, row: int) -> None:
                      f"{type(value).__name__}.")
 
 
+def _text_of(content) -> str:
+    """A message's text: a string as it is; a list of parts (multimodal messages), its text parts joined by spaces."""
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content
+                        if isinstance(part, dict) and part.get("type") == "text")
+    return str(content)
+
+
+def context_text(privileged_context) -> str:
+    """The privileged context as text, as TRL reads it: a string as it is, a list of messages as their non-empty
+    texts one per line."""
+    if isinstance(privileged_context, str):
+        return privileged_context
+    if isinstance(privileged_context, list) and all(isinstance(m, dict) for m in privileged_context):
+        return "\n".join(text for m in privileged_context if (text := _text_of(m.get("content", ""))))
+    if privileged_context is None:
+        raise ValueError("privileged_context is missing (None).")
+    return str(privileged_context)
+
+
+def teacher_prompt(prompt, privileged_context, template: str):
+    """The teacher's prompt (TRL's dataset shape): `template` filled with the prompt and the privileged context. A
+    conversation keeps its earlier messages; its last one (the user's question) holds the filled template."""
+    context = context_text(privileged_context)
+    if not is_conversation(prompt):
+        return template.format(prompt=prompt, privileged_context=context)
+    if not prompt or not isinstance(prompt[-1], dict):
+        return prompt  # validate_rows refuses it, naming the row
+    *history, last = prompt  # an assistant turn last is refused by validate_rows as well
+    return [*history, {**last, "content": template.format(prompt=_text_of(last.get("content", "")),
+                                                           privileged_context=context)}]
+
+
 def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
-    """Build `teacher_prompt` from `privileged_context` when the dataset has none (TRL's convenience)."""
+    """Build `teacher_prompt` from `prompt` and `privileged_context` when the dataset has none (TRL's dataset shape);
+    a `teacher_prompt` column (the authors' shape) is used as it is."""
     columns = set(dataset.column_names)
     if "prompt" not in columns:
         raise ValueError(f"The dataset needs a 'prompt' column; it has {sorted(columns)}.")
@@ -109,15 +143,13 @@ def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
                          f"it from with teacher_prompt_template; it has {sorted(columns)}. Without distinct "
                          "teacher prompts, set teacher_prompt = prompt.")
 
-    def build(row):
-        prompt, context = row["prompt"], row["privileged_context"]
-        if is_conversation(prompt):
-            *history, last = prompt
-            content = template.format(prompt=last["content"], privileged_context=context)
-            return {"teacher_prompt": [*history, {**last, "content": content}]}
-        return {"teacher_prompt": template.format(prompt=prompt, privileged_context=context)}
+    def build(row, index):
+        try:
+            return {"teacher_prompt": teacher_prompt(row["prompt"], row["privileged_context"], template)}
+        except ValueError as error:
+            raise ValueError(f"Row {index}: {error}") from None
 
-    return dataset.map(build)
+    return dataset.map(build, with_indices=True)
 
 
 def validate_rows(dataset) -> None:
@@ -271,7 +303,8 @@ def tokenize_prompts(dataset: Dataset, tokenizer, max_prompt_length: int, max_te
     teacher_values = dataset["teacher_prompt"]
     teacher_prompts = [encode(tokenizer, p, chat_template_kwargs) for p in teacher_values]
     prompts, cut = _left_truncate(prompts, max_prompt_length, "prompt")
-    contexts = dataset["privileged_context"] if "privileged_context" in dataset.column_names else [None] * len(prompts)
+    contexts = ([None if c is None else context_text(c) for c in dataset["privileged_context"]]
+                if "privileged_context" in dataset.column_names else [None] * len(prompts))
     teacher_prompts, teacher_cut = _fit_teacher_prompts(teacher_values, contexts, teacher_prompts, tokenizer,
                                                         max_teacher_prompt_length, chat_template_kwargs)
     return TokenizedPrompts(prompts, teacher_prompts, cut, teacher_cut)

@@ -65,8 +65,19 @@ def _model_name(model) -> str:
 class SDFTTrainer:
     """Self-Distillation Fine-Tuning on DeepSpeed ZeRO-3 (API of TRL's `SDFTTrainer`)."""
 
-    def __init__(self, model, ref_model=None, args: SDFTConfig | None = None, processing_class=None,
-                 train_dataset=None):
+    # Keyword-only after the model: TRL's SDFTTrainer takes args second, so SDFTTrainer(model, args) would otherwise
+    # bind the config to ref_model. TRL's other arguments are refused by name (docs/migrating_from_trl.md).
+    def __init__(self, model, *, ref_model=None, args: SDFTConfig | None = None, processing_class=None,
+                 train_dataset=None, eval_dataset=None, callbacks=None, optimizers=(None, None), peft_config=None):
+        for name, value, instead in (
+                ("eval_dataset", eval_dataset, "pass it to heldout_divergence() before and after train() "
+                 "(launch/train.py: eval_dataset_name)"),
+                ("callbacks", callbacks, "read trainer.summary and the report_to logs after train()"),
+                ("optimizers", None if optimizers == (None, None) else optimizers,
+                 "set the optimizer and scheduler in the student DeepSpeed config and lr_scheduler_type"),
+                ("peft_config", peft_config, "train the full model (LoRA is not supported yet)")):
+            if value is not None:
+                raise ValueError(f"SDFTTrainer does not take TRL's {name}: {instead}.")
         self.args = args = args if args is not None else SDFTConfig()
         set_deepspeed_log_level(args.deepspeed_log_level)
         engines.check_accelerator(args)
