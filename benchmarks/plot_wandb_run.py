@@ -43,11 +43,13 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
     figure.suptitle(title)
-    ax = axes[0, 0]
-    ax.plot(steps, series("train/loss"), label="loss")
-    ax.plot(steps, series("train/divergence"), label="divergence (per token)")
-    ax.set_title("loss")
-    ax.legend()
+    def lines(ax, title: str, curves: tuple[tuple[str, str], ...]) -> None:
+        for key, label in curves:
+            ax.plot(steps, series(key), label=label)
+        ax.set_title(title)
+        ax.legend()
+
+    lines(axes[0, 0], "loss", (("train/loss", "loss"), ("train/divergence", "divergence (per token)")))
     ax = axes[0, 1]
     ax.fill_between(steps, series("train/completion_length_min"), series("train/completion_length_max"), alpha=0.2,
                     label="min-max")
@@ -60,11 +62,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     share.plot(steps, series("train/clipped_ratio"), color="black", linestyle=":", label="truncated share")
     share.set_ylim(0, 1)
     share.legend(loc="upper right")
-    ax = axes[0, 2]
-    ax.plot(steps, series("train/tokens_per_second"), label="prompt + completion tokens/s")
-    ax.plot(steps, series("train/completion_tokens_per_second"), label="completion tokens/s")
-    ax.set_title("throughput (all ranks)")
-    ax.legend()
+    lines(axes[0, 2], "throughput (all ranks)", (("train/tokens_per_second", "prompt + completion tokens/s"),
+                                                  ("train/completion_tokens_per_second", "completion tokens/s")))
     ax = axes[1, 0]
     ax.stackplot(steps, *[series(f"time/{p}") for p in PHASES], labels=PHASES)
     ax.set_title("seconds per step, by phase")
@@ -72,12 +71,9 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     ax = axes[1, 1]
     ax.plot(steps, series("train/learning_rate"))
     ax.set_title("learning rate")
-    ax = axes[1, 2]
-    ax.plot(steps, series("train/teacher_syncs"), label="teacher syncs")
-    ax.plot(steps, series("train/prompts_truncated"), label="prompts truncated")
-    ax.plot(steps, series("train/nonfinite_steps"), label="non-finite steps")
-    ax.set_title("counts (running totals)")
-    ax.legend()
+    lines(axes[1, 2], "counts (running totals)", (("train/teacher_syncs", "teacher syncs"),
+                                                   ("train/prompts_truncated", "prompts truncated"),
+                                                   ("train/nonfinite_steps", "non-finite steps")))
     for ax in axes.flat:
         ax.set_xlabel("optimizer step")
     out.parent.mkdir(parents=True, exist_ok=True)
