@@ -154,6 +154,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SDFTConf
         config = SDFTConfig(**{k: v for k, v in values.items() if k not in script_fields})
     except (ValueError, FileNotFoundError) as error:  # a setting's error is the user's, not the code's: no traceback
         parser.error(str(error))
+    teacher_only = [name for name in ("ref_model_name_or_path", "eval_dataset_name") if getattr(script, name)]
+    if config.method == "sft" and teacher_only:
+        parser.error(f"method=sft builds no teacher, so {' and '.join(teacher_only)} (a teacher, or the teacher's "
+                     "held-out divergence) cannot apply; drop them, or compare the trained models with "
+                     "sdft-eval (python -m sdft_ds.evaluate).")
     return script, config
 
 

@@ -26,6 +26,7 @@ from sdft_ds.divergence_defaults import TOKEN_CHUNK, VOCAB_CHUNK
 PACKAGE_DIR = Path(__file__).resolve().parent
 DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"
 
+METHODS = ("sdft", "sft")
 TEACHER_MODES = ("frozen", "ema", "live")
 LOSS_NORMALIZATIONS = ("sequence", "token")
 DIVERGENCE_IMPLS = ("chunked", "dense")
@@ -210,6 +211,14 @@ class SDFTConfig:
                                             "is installed, else sdpa.", default=None)
     disable_dropout: bool = _help("Turn dropout off in student and teacher.", default=True)
 
+    # ---- method ----
+    method: str = _help("sdft: self-distillation (on-policy completions, the teacher's divergence). sft: the "
+                        "supervised baseline on the same engines, optimizer, scheduler and batching: mean "
+                        "cross-entropy of each row's reference `completion` column (text, or an assistant message "
+                        "for chat prompts) after its `prompt`, prompt tokens masked. SFT builds no teacher and "
+                        "generates nothing, so the teacher, generation and divergence settings do not apply to it; "
+                        "a micro-batch holds per_device_train_batch_size rows.", default="sdft")
+
     # ---- teacher ----
     teacher_deepspeed: str | dict | None = _help("Teacher DeepSpeed config (inference only, no optimizer); "
                                                  "default ds_configs/teacher_zero3.json under a ZeRO-3 student, "
@@ -259,8 +268,8 @@ class SDFTConfig:
                                         "renormalising.", default=False)
     distillation_is_clip: float | None = _help("Upper clip of the importance ratio applied to stale rollouts.",
                                                default=2.0)
-    num_loss_tokens_to_skip: int = _help("Leading completion tokens left out of the loss (paper: 3).",
-                                         default=0)
+    num_loss_tokens_to_skip: int = _help("Leading completion tokens left out of the loss (paper: 3); SDFT only: "
+                                         "SFT trains on every token of the reference completion.", default=0)
     loss_normalization: str = _help("sequence: mean over each sequence's tokens, then over sequences; "
                                     "token: sum over the global batch's tokens / their count.", default="sequence")
     divergence_impl: str = _help("chunked (default): the fused divergence, one token_chunk × vocab_chunk tile of "
@@ -292,6 +301,7 @@ class SDFTConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
 
+        choice("method", METHODS)
         choice("teacher_mode", TEACHER_MODES)
         choice("distillation_mode", DISTILLATION_MODES)
         choice("loss_normalization", LOSS_NORMALIZATIONS)
@@ -396,12 +406,22 @@ class SDFTConfig:
 
     @property
     def prompts_per_generation(self) -> int:
-        """Prompts each rank draws per generation round."""
+        """Prompts each rank draws per generation round (SFT: per optimizer step, each row once)."""
+        if self.method == "sft":
+            return self.per_device_train_batch_size * self.gradient_accumulation_steps
         return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
 
     @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps served by one round of prompts."""
+        if self.method == "sft":
+            return 1
+        return self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps
+
+    @property
     def reuses_rollouts(self) -> bool:
-        return self.steps_per_generation > self.gradient_accumulation_steps or self.num_iterations > 1
+        return self.method == "sdft" and (self.steps_per_generation > self.gradient_accumulation_steps
+                                          or self.num_iterations > 1)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_steps > 0:

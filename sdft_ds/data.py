@@ -1,8 +1,8 @@
 """Prompt data: loading, validation and tokenisation, all before any engine is built.
 
 A row holds `prompt` (what the student sees) and `teacher_prompt` (the same request with privileged context),
-each a string or a list of chat messages. Bad rows fail here, naming the row and the fix, so that a mistake
-never costs a model load or a GPU allocation.
+each a string or a list of chat messages; for SFT, `prompt` and its reference `completion`. Bad rows fail here,
+naming the row and the fix, so that a mistake never costs a model load or a GPU allocation.
 """
 
 from __future__ import annotations
@@ -150,6 +150,61 @@ def with_teacher_prompts(dataset: Dataset, template: str) -> Dataset:
             raise ValueError(f"Row {index}: {error}") from None
 
     return dataset.map(build, with_indices=True)
+
+
+def with_completions(dataset: Dataset) -> Dataset:
+    """SFT's rows: `prompt` and its reference `completion`. The teacher prompt, which SFT never reads, is set to the
+    prompt: a MicroBatch carries one."""
+    columns = set(dataset.column_names)
+    if "prompt" not in columns:
+        raise ValueError(f"The dataset needs a 'prompt' column; it has {sorted(columns)}.")
+    if "completion" not in columns:
+        raise ValueError(f"method='sft' trains on each row's reference 'completion' after its 'prompt', and the "
+                         f"dataset has no 'completion' column; it has {sorted(columns)}. Add one (text, or an "
+                         "assistant message for chat prompts), e.g. dataset.rename_column('answer', 'completion').")
+    return dataset.map(lambda row: {"teacher_prompt": row["prompt"]})
+
+
+def _assistant_turn(prompt, completion, row: int) -> list[dict] | str:
+    """A row's completion checked against its prompt: text after a text prompt; after a chat prompt, assistant
+    messages (a text completion is one)."""
+    where = f"Row {row}: column 'completion'"
+    if isinstance(completion, str):
+        if not completion.strip():
+            raise ValueError(f"{where} is empty. Remove the row or fill it in.")
+        return [{"role": "assistant", "content": completion}] if is_conversation(prompt) else completion
+    messages = [completion] if isinstance(completion, dict) else completion
+    if not is_conversation(prompt) or not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") is not None for m in messages):
+        raise ValueError(f"{where} must be text, or (after a chat prompt) assistant messages {{'role': 'assistant', "
+                         f"'content': ...}}; got {completion!r}.")
+    return messages
+
+
+def tokenize_completions(dataset: Dataset, tokenizer, max_completion_length: int,
+                         chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each row's reference completion as they follow its prompt's, cut to max_completion_length (a
+    cut one has no EOS and counts as truncated). A text completion ends with EOS; after a chat prompt, the
+    assistant turn is what the chat template renders after the generation prompt, its end-of-turn token included."""
+    rows = []
+    for row, (prompt, completion) in enumerate(zip(dataset["prompt"], dataset["completion"])):
+        turn = _assistant_turn(prompt, completion, row)
+        if isinstance(turn, str):
+            rows.append(tokenizer(turn, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            continue
+        kwargs = chat_template_kwargs or {}
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)
+        whole = tokenizer.apply_chat_template([*prompt, *turn], tokenize=False, **kwargs)
+        if not whole.startswith(head):
+            raise ValueError(f"Row {row}: the chat template renders the prompt with its completion otherwise than the "
+                             "prompt alone with a generation prompt, so the completion's tokens cannot be cut out. "
+                             "Give prompt and completion as text.")
+        rows.append(tokenizer(whole[len(head):], add_special_tokens=False)["input_ids"])
+    over = [i for i, ids in enumerate(rows) if len(ids) > max_completion_length]
+    if over:
+        logger.warning("%d reference completion(s) exceed max_completion_length=%d tokens and are cut (rows %s); "
+                       "the cut ones train without their end.", len(over), max_completion_length, _named(over))
+    return [ids[:max_completion_length] for ids in rows]
 
 
 def validate_rows(dataset) -> None:

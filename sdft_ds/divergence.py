@@ -11,7 +11,8 @@ discontinuous at both end points; that is intended (TRL's convention), not a bug
 one [token_chunk × vocab_chunk] tile of logits per side: value and gradients are computed in the
 forward with streaming log-sum-exps (DIVERGENCE_MATH.md) and autograd only scales the stored
 gradients. The vocabulary may also be split over the ranks of a process group; chunks and ranks
-are merged by the same associative statistics.
+are merged by the same associative statistics. `linear_cross_entropy`, the SFT baseline's loss −log S(target), is
+fused and chunked on the same tiles.
 """
 
 from __future__ import annotations
@@ -531,14 +532,15 @@ def _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config, n
     return (loss, per_token, entropy, target_logprob, ratio), grad_h, grad_w
 
 
-class _FusedLinearDivergence(torch.autograd.Function):
+class _FusedLinearLoss(torch.autograd.Function):
     """Value and gradients in one forward (the loss is a terminal scalar, as in Liger-Kernel's fused
-    linear losses); backward only scales the stored gradients by grad_output."""
+    linear losses); backward only scales the stored gradients by grad_output. `fused_forward(h, w, *rest,
+    need_h, need_w)` returns (outputs, grad_h, grad_w): `_fused_forward` or `_fused_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, weights, target, rollout, cfg):
-        out, grad_h, grad_w = _fused_forward(h_s, w_s, h_t, w_t, weights, target, rollout, cfg,
-                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    def forward(ctx, h_s, w_s, fused_forward, *rest):
+        out, grad_h, grad_w = fused_forward(h_s, w_s, *rest, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.num_rest = len(rest)
         # fp16 gradients stay fp32 until backward has applied grad_output (DeepSpeed's loss scale ÷ accumulation
         # steps): rounded to fp16 first, per-token weights ~1e-4 flush a fifth of grad_W to zero. bf16 has fp32's
         # range, so it is rounded now and the fp32 buffers are freed before the decoder's backward.
@@ -550,11 +552,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if ctx.grads is None:
-            raise RuntimeError("linear_divergence computes its gradients once, in forward; backward ran twice")
+            raise RuntimeError("a fused linear loss computes its gradients once, in forward; backward ran twice")
         grads, ctx.grads = ctx.grads, None
         # in place: no second [V, H] buffer
         grad_h, grad_w = (None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, *[None] * ctx.num_rest
 
 
 def _dense_linear(h_s, w_s, h_t, w_t, weights, target, rollout, cfg: _Config) -> DivergenceOutput:
@@ -595,6 +597,54 @@ def target_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *, tempe
             student, _, _ = tiles.stream(teacher=False, top_k=None)
             out[r] = tiles.logits_at(False, target_ids[r, None])[:, 0] - student.lse()
     return out
+
+
+
+def _fused_cross_entropy(h, w, target, weights, head: LogitTransform, token_chunk: int, vocab_chunk: int,
+                         need_h: bool, need_w: bool):
+    """Chunked −log S(target) per token and its weighted gradients, ∂/∂s = S − onehot(target) (fp32 or fp64)."""
+    dtype = _accumulator_dtype(h)
+    n = h.shape[0]
+    grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
+    per_token, entropy = h.new_empty(n, dtype=dtype), h.new_empty(n, dtype=dtype)
+    weights = weights.to(dtype)
+    for r0 in range(0, n, token_chunk):
+        r = slice(r0, r0 + token_chunk)
+        tiles = _Tiles(h[r], w, None, None, None if grad_h is None else grad_h[r], grad_w, heads=(head, head),
+                       temperature=1.0, vocab_chunk=vocab_chunk, shard=_Shard.of(w, None), dtype=dtype)
+        student, _, _ = tiles.stream(teacher=False, top_k=None)
+        s_y = tiles.logits_at(False, target[r, None])  # [n, 1]
+        per_token[r] = student.lse() - s_y[:, 0]
+        entropy[r] = student.entropy()
+        if tiles.wants_grad:
+            for c, s, _ in tiles.tiles(teacher=False, last=True):
+                tiles.accumulate(c, student.log_probs(s, inplace=True).exp_().mul_(weights[r, None]))
+            tiles.accumulate_at(target[r, None], -weights[r, None], s_y)
+    loss = (weights * per_token).sum()
+    return (loss, per_token, entropy, -per_token, None), grad_h, grad_w
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target_ids: Tensor, token_weights: Tensor, *,
+                         head: LogitTransform = IDENTITY, chunked: bool = True, token_chunk: int = TOKEN_CHUNK,
+                         vocab_chunk: int = VOCAB_CHUNK) -> DivergenceOutput:
+    """Σ_t token_weights[t]·(−log S(target_ids[t])) from hidden states [N, H] and an output weight [V, H] (SFT's
+    loss), chunked and fused like `linear_divergence` (logits one tile at a time, gradients in the forward), or
+    dense with plain autograd. Returned as a DivergenceOutput whose per_token is the cross-entropy, so that metrics
+    and sample tables read it as SDFT's divergence; ratio is None."""
+    _check_shape("weight", weight, (weight.shape[0], hidden.shape[1]))
+    _check_shape("target_ids", target_ids, (hidden.shape[0],))
+    _check_shape("token_weights", token_weights, (hidden.shape[0],))
+    if not chunked:
+        log_s = torch.log_softmax(head((hidden @ weight.T).to(_accumulator_dtype(hidden))), -1)
+        per_token = -log_s.gather(-1, target_ids[:, None])[:, 0]
+        entropy = -(log_s.exp() * log_s).sum(-1).detach()
+        loss = (token_weights.detach().to(per_token.dtype) * per_token).sum()
+        return DivergenceOutput(loss, per_token.detach(), entropy, -per_token.detach(), None)
+    args = (target_ids, token_weights.detach(), head, token_chunk, vocab_chunk)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return DivergenceOutput(*_fused_cross_entropy(hidden, weight, *args, need_h=False, need_w=False)[0])
+    return DivergenceOutput(*_FusedLinearLoss.apply(hidden, weight, _fused_cross_entropy, *args))
 
 
 def linear_divergence(
@@ -666,4 +716,4 @@ def linear_divergence(
         return _dense_linear(*args, cfg)
     if not torch.is_grad_enabled() or not (student_hidden.requires_grad or student_weight.requires_grad):
         return DivergenceOutput(*_fused_forward(*args, cfg, need_h=False, need_w=False)[0])  # metrics only
-    return DivergenceOutput(*_FusedLinearDivergence.apply(*args, cfg))
+    return DivergenceOutput(*_FusedLinearLoss.apply(args[0], args[1], _fused_forward, *args[2:], cfg))

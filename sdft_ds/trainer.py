@@ -4,6 +4,9 @@
                           train_dataset=dataset)
     trainer.train(); trainer.save_model()
 
+With SDFTConfig(method="sft") the same trainer is the SFT baseline: no teacher and no rollout; each micro-batch is
+prompt + the dataset's reference completion, and the loss is its token cross-entropy.
+
 Everything that can be checked without a model (config, tokenizer, every dataset row) is checked before an
 engine is built.
 """
@@ -24,11 +27,11 @@ import torch
 from transformers import PreTrainedModel
 
 from sdft_ds import checkpoint, engines, models
-from sdft_ds.batch import MicroBatch, loss_tokens, micro_batch, right_pad, token_weights
+from sdft_ds.batch import MicroBatch, completion_mask, loss_tokens, micro_batch, right_pad, token_weights
 from sdft_ds.config import SDFTConfig
-from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tokenizer, tokenize_prompts,
-                          with_teacher_prompts)
-from sdft_ds.divergence import DivergenceOutput, linear_divergence, target_logprobs
+from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tokenizer, tokenize_completions,
+                          tokenize_prompts, with_completions, with_teacher_prompts)
+from sdft_ds.divergence import DivergenceOutput, linear_cross_entropy, linear_divergence, target_logprobs
 from sdft_ds.rollout import build_rollout, sample, sampling_config
 from sdft_ds.tracking import PhaseClock, StepStats, make_tracker, sample_rows, set_deepspeed_log_level
 
@@ -47,8 +50,8 @@ def _head_logprobs(hidden, weight, target_ids, **kwargs):
 
 # Settings a resumed run must keep (with the data and models, see SDFTTrainer._fingerprint); the others, like
 # max_steps or learning_rate, may change on resume.
-RESUME_FIXED = ("teacher_mode", "generate_from_teacher", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "num_generations", "steps_per_generation", "num_iterations", "seed")
+RESUME_FIXED = ("method", "teacher_mode", "generate_from_teacher", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "num_generations", "steps_per_generation", "num_iterations", "seed")
 
 
 PER_NODE_PATHS = ("output_dir", "resume_from_checkpoint")  # may differ per node (node-local disks)
@@ -83,13 +86,20 @@ class SDFTTrainer:
         engines.check_accelerator(args)
         if train_dataset is None:
             raise ValueError("train_dataset is required: rows with 'prompt' and 'teacher_prompt'.")
+        self.sft = args.method == "sft"
+        if self.sft and ref_model is not None:
+            raise ValueError("method='sft' trains on the dataset's reference completions and builds no teacher; drop "
+                             "ref_model (ref_model_name_or_path), or choose method='sdft'.")
         if args.teacher_mode == "live" and ref_model is not None:
             raise ValueError("teacher_mode='live' makes the current student its own teacher; drop ref_model or "
                              "choose teacher_mode='frozen' or 'ema'.")
         self.tokenizer = processing_class if processing_class is not None else self._load_tokenizer(model)
-        dataset = with_teacher_prompts(load_prompt_dataset(train_dataset), args.teacher_prompt_template)
+        dataset = load_prompt_dataset(train_dataset)
+        dataset = with_completions(dataset) if self.sft else with_teacher_prompts(dataset, args.teacher_prompt_template)
         self.prompts = tokenize_prompts(dataset, self.tokenizer, args.max_prompt_length,
                                         args.max_teacher_prompt_length, args.chat_template_kwargs)
+        self.completions = (tokenize_completions(dataset, self.tokenizer, args.max_completion_length,
+                                                 args.chat_template_kwargs) if self.sft else [])
         student_config = models.config_of(model, args.model_init_kwargs, role="student")
         teacher_config = (student_config if ref_model is None
                           else models.config_of(ref_model, args.model_init_kwargs, role="teacher"))
@@ -109,9 +119,8 @@ class SDFTTrainer:
         torch.manual_seed(args.seed)
         self.sampler = PromptSampler(len(self.prompts), args.prompts_per_generation, self.rank, self.world_size,
                                      args.seed)
-        steps_per_round = args.steps_per_generation * args.num_iterations // args.gradient_accumulation_steps
         self.total_steps = args.max_steps if args.max_steps > 0 else max(
-            1, math.ceil(args.num_train_epochs * self.sampler.rounds_per_epoch * steps_per_round))
+            1, math.ceil(args.num_train_epochs * self.sampler.rounds_per_epoch * args.steps_per_round))
 
         student_ds = engines.fill_ds_config(args.student_ds_config_path(), args, self.world_size,
                                             student_config.hidden_size, self.total_steps)
@@ -122,14 +131,15 @@ class SDFTTrainer:
         self.student = engines.build_student_engine(student_lm, student_ds, args, self.total_steps)
         self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, teacher_config, engines.zero_stage(student_ds))
-        self.eos_ids = models.eos_ids(self.tokenizer, student_lm, engines.language_model(self.teacher))
+        self.eos_ids = models.eos_ids(self.tokenizer, student_lm,
+                                      *([] if self.teacher is None else [engines.language_model(self.teacher)]))
         self._check_weights_finite(model, ref_model)
         engines.register_hf_config(student_ds)  # the student's ZeRO stage for what transformers builds from now on
 
         generator = self.teacher if args.generate_from_teacher else self.student
-        self.rollout = build_rollout(generator, args.rollout_path, self.tokenizer, self.eos_ids,
-                                     self.tokenizer.pad_token_id, self.world_size,
-                                     engines.hybrid_engine_enabled(generator), args.compile_generation)
+        self.rollout = None if self.sft else build_rollout(
+            generator, args.rollout_path, self.tokenizer, self.eos_ids, self.tokenizer.pad_token_id, self.world_size,
+            engines.hybrid_engine_enabled(generator), args.compile_generation)
         self.sampling = sampling_config(args)
         torch.manual_seed(args.seed + self.rank)  # ranks sample different completions
         self.step = 0
@@ -153,7 +163,7 @@ class SDFTTrainer:
         """What a resumed run must share with the checkpoint it continues: the data (as tokenized), the models and
         the batch geometry that the saved prompt position and rollouts were cut with."""
         digest = hashlib.sha256()
-        for ids in (*self.prompts.prompt_ids, *self.prompts.teacher_prompt_ids):
+        for ids in (*self.prompts.prompt_ids, *self.prompts.teacher_prompt_ids, *self.completions):
             digest.update(array.array("q", ids).tobytes() + b"|")
         return {"dataset": f"{len(self.prompts)} rows, tokens sha256 {digest.hexdigest()[:16]}",
                 "student": _model_name(model), "teacher": _model_name(ref_model),
@@ -242,7 +252,7 @@ class SDFTTrainer:
         """NaN or inf in a model's weights would give a NaN loss at every step (or a sampling error that does not
         name the weights): refuse the model by name."""
         for role, engine, name in (("student", self.student, model), ("teacher", self.teacher, ref_model)):
-            bad = engines.nonfinite_parameter(engine)
+            bad = None if engine is None else engines.nonfinite_parameter(engine)
             self._together(None if bad is None else f"The {role} model {_model_name(name)} holds NaN or inf in "
                            f"{bad}: it cannot be trained or taught from. Check the checkpoint (a failed conversion or "
                            "an fp16 overflow when it was saved).")
@@ -254,8 +264,11 @@ class SDFTTrainer:
         return load_tokenizer(model, role="student")
 
     def _build_teacher(self, ref_model, teacher_config, student_stage: int):
-        """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student."""
+        """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student. SFT: none,
+        and live: the student itself."""
         args = self.args
+        if self.sft:
+            return None
         if args.teacher_mode == "live":
             return self.student
         teacher_ds = engines.fill_ds_config(args.teacher_ds_config_path(student_stage), args, self.world_size,
@@ -299,8 +312,9 @@ class SDFTTrainer:
         self._together(problem, RuntimeError)
         self.tracking_state = tracker.state()
         local, total = engines.numel(self.student)
-        tracker.info(f"student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
-                     f"generation: {self.rollout.name}; optimizer steps {self.step} -> {self.total_steps}")
+        tracker.info(f"{args.method}; student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
+                     f"generation: {self.rollout.name if self.rollout else 'none'}; optimizer steps {self.step} -> "
+                     f"{self.total_steps}")
         first_step, started = self.step, time.perf_counter()
         with checkpoint.StopSignals() as stop:
             metrics, tokens = self._loop(tracker, stop)
@@ -349,24 +363,31 @@ class SDFTTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step, the recipe of SDFT: rollout (when no generated batch is left) → per micro-batch
         teacher forward → student forward with the fused divergence → backward → optimizer step; then the teacher
-        sync. Returns this rank's seconds per phase (`PHASES`), `step` (their wall-clock total), `tokens` (prompt
-        + completion tokens trained, padding excluded), `completion_tokens` and `completions`; the loss metrics go
-        to `self.window`."""
+        sync. SFT: the next rows' reference completions instead of the rollout, and the student forward with their
+        cross-entropy instead of the teacher forward and the divergence. Returns this rank's seconds per phase
+        (`PHASES`), `step` (their wall-clock total), `tokens` (prompt + completion tokens trained, padding excluded),
+        `completion_tokens` and `completions`; the loss metrics go to `self.window`."""
         args = self.args
         tokens = completion_tokens = completions = 0.0
         nonfinite_loss = torch.zeros((), dtype=torch.bool, device=engines.device())
         with PhaseClock(engines.synchronize) as clock:
-            if not self.queue:
+            if not self.queue and self.sft:
+                self.queue = self.reference_round()
+            elif not self.queue:
                 with clock("generation"):
                     self.queue = self.generate_round()
             micro_batches = [self.queue.pop(0) for _ in range(args.gradient_accumulation_steps)]
             step_loss_tokens = self._step_loss_tokens(micro_batches)
             for batch in micro_batches:
-                with clock("teacher_forward"):
-                    teacher_hidden = self._teacher_hidden(batch)
-                with clock("student_forward"):
-                    out = self._divergence(batch, teacher_hidden, self._token_weights(batch, step_loss_tokens),
-                                           stale=self.step > batch.rollout_step)
+                weights = self._token_weights(batch, step_loss_tokens)
+                if self.sft:
+                    with clock("student_forward"):
+                        out = self._cross_entropy(batch, weights)
+                else:
+                    with clock("teacher_forward"):
+                        teacher_hidden = self._teacher_hidden(batch)
+                    with clock("student_forward"):
+                        out = self._divergence(batch, teacher_hidden, weights, stale=self.step > batch.rollout_step)
                 if batch is micro_batches[0] and self._samples_due():  # rank 0, host work only
                     self.samples = sample_rows(batch, out.per_token, self.tokenizer, args.sample_table_rows)
                 with clock("backward"):
@@ -432,12 +453,27 @@ class SDFTTrainer:
                 batch.rollout_logprobs = self._rollout_logprobs(batch)
         return batches * args.num_iterations
 
+    def reference_round(self) -> list[MicroBatch]:
+        """SFT: this rank's rows of the next optimizer step, prompt + reference completion, cut into micro-batches
+        (the teacher prompt is the prompt, unused)."""
+        rows = self.sampler.next_round()
+        self.prompts_truncated += len(self.prompts.truncated_rows.intersection(rows))
+        size = self.args.per_device_train_batch_size
+        batches = []
+        for part in (rows[i:i + size] for i in range(0, len(rows), size)):
+            prompts = [self.prompts.prompt_ids[i] for i in part]
+            ids, _ = right_pad([self.completions[i] for i in part], self.tokenizer.pad_token_id)
+            mask, truncated = completion_mask(ids, self.eos_ids)  # up to the first EOS, as for sampled completions
+            batches.append(self.micro_batch(prompts, prompts, ids, mask, truncated))
+        return batches
+
     def micro_batch(self, prompts, teacher_prompts, completion_ids, completion_mask, truncated) -> MicroBatch:
-        """Completions (right-padded, with their masks) after both prompts, under this run's settings."""
+        """Completions (right-padded, with their masks) after both prompts, under this run's settings. SFT trains on
+        every completion token: skipping the first ones is SDFT's (the paper's) choice, not standard SFT's."""
         return micro_batch(prompts, teacher_prompts, completion_ids, completion_mask, truncated,
                            pad_id=self.tokenizer.pad_token_id,
-                           num_loss_tokens_to_skip=self.args.num_loss_tokens_to_skip, rollout_step=self.step,
-                           device=engines.device())
+                           num_loss_tokens_to_skip=0 if self.sft else self.args.num_loss_tokens_to_skip,
+                           rollout_step=self.step, device=engines.device())
 
     def _step_loss_tokens(self, micro_batches: list[MicroBatch]) -> float:
         """Loss tokens of the whole optimizer step on all ranks (token normalisation only; one all-reduce)."""
@@ -486,6 +522,15 @@ class SDFTTrainer:
             chunked=args.divergence_impl == "chunked", token_chunk=args.divergence_token_chunk,
             vocab_chunk=args.divergence_vocab_chunk, student_head=self.heads[0], teacher_head=self.heads[1]))
 
+    def _cross_entropy(self, batch: MicroBatch, weights: torch.Tensor) -> DivergenceOutput:
+        """SFT's loss of a micro-batch: Σ weight·(−log S(reference token)), fused into the student's output layer
+        as the divergence is (temperature 1: standard SFT); its per_token is the cross-entropy."""
+        args = self.args
+        return DivergenceOutput(*self._student_head(
+            batch, linear_cross_entropy, target_ids=batch.completion_ids[batch.selected], token_weights=weights,
+            head=self.heads[0], chunked=args.divergence_impl == "chunked", token_chunk=args.divergence_token_chunk,
+            vocab_chunk=args.divergence_vocab_chunk))
+
     def _rollout_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         """log S(completion token) under the policy that sampled it, for the importance ratio on reuse."""
         with torch.no_grad():
@@ -510,6 +555,9 @@ class SDFTTrainer:
     def heldout_divergence(self, dataset, completion_column: str = "answer") -> float:
         """Mean per-token divergence (the training one) on fixed completions: prompt/teacher_prompt + the
         dataset's reference completion, teacher-forced. Deterministic, so comparable across steps."""
+        if self.sft:
+            raise ValueError("heldout_divergence needs a teacher, and method='sft' has none; compare SFT and SDFT "
+                             "models with sdft-eval (python -m sdft_ds.evaluate) instead.")
         dataset = with_teacher_prompts(load_prompt_dataset(dataset), self.args.teacher_prompt_template)
         prompts = tokenize_prompts(dataset, self.tokenizer, self.args.max_prompt_length,
                                    self.args.max_teacher_prompt_length, self.args.chat_template_kwargs)
