@@ -599,7 +599,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *, tempe
     return out
 
 
-
 def _fused_cross_entropy(h, w, target, weights, head: LogitTransform, token_chunk: int, vocab_chunk: int,
                          need_h: bool, need_w: bool):
     """Chunked −log S(target) per token and its weighted gradients, ∂/∂s = S − onehot(target) (fp32 or fp64)."""
