@@ -1,10 +1,10 @@
 """On-policy sampling under ZeRO-3, behind DeepSpeed's rollout interface.
 
 Paths (chosen once per run by `build_rollout` and logged):
-- gather_once: all ZeRO-3 parameters gathered once per rollout, Hugging Face `generate` with a KV cache;
-  `synced_gpus` with several ranks, so a rank that finishes early keeps joining the others' collectives.
-- per_layer: plain `generate` on the partitioned model; DeepSpeed gathers each layer at each decoding step.
-  Slow, but needs only one layer's full weights at a time.
+- gather_once: all ZeRO-3 parameters gathered once per rollout, Hugging Face `generate` with a KV cache, local
+  to each rank (no `synced_gpus`: decoding holds no collective).
+- per_layer: plain `generate` on the partitioned model; DeepSpeed gathers each layer at each decoding step, so
+  ranks step together (`synced_gpus`). Slow, but needs only one layer's full weights at a time.
 - hybrid_engine: DeepSpeed's hybrid engine (inference kernels, CUDA only, Llama/OPT/GPT-2/NeoX/J/BLOOM),
   trusted only after its greedy output matches gather_once on the same prompts and weights. Refused while
   `engines.hybrid_engine_incompatibility` names a reason (transformers 5: measured failing on an H200).
