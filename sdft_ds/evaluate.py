@@ -17,6 +17,10 @@ Metrics, each giving a score in [0, 1] so that prior skills average on one scale
   rows of each row's mean log-probability per reference token (nats); the score is the fraction of rows whose
   reference is the greedy continuation (every reference token is the argmax). The answer is tokenized on its own
   and appended to the prompt's tokens; the EOS position counts the probability of stopping (any EOS id).
+
+An eval set may instead name an lm-eval task (`lm_eval_task`, with lm-eval installed: pip install 'sdft_ds[lm-eval]'):
+lm-eval builds its prompts and scores them on the already loaded model, and one of its metrics (acc, exact_match, ...)
+is the set's score, in the same table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
+import importlib.util
 import json
 import re
 import sys
@@ -36,11 +42,14 @@ import yaml
 
 from sdft_ds.data import encode, left_pad, load_tokenizer, validate_rows
 
-# transformers and sdft_ds.models (which imports it) load inside functions: `--help` stays quick.
+# transformers and sdft_ds.models (which imports it) load inside functions: `--help` stays quick; lm_eval too, and
+# everything but lm_eval_task sets works without it.
 
 METRICS = ("exact_match", "regex", "loglik")
 ROLES = ("new", "prior")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FILE_FIELDS = ("metric", "max_new_tokens", "sample", "temperature", "top_p", "seed", "pattern", "loglik_eos", "select")
+LM_EVAL_FIELDS = ("lm_eval_include", "lm_eval_metric", "num_fewshot", "limit", "lm_eval_chat")
 RESULT_FIELDS = ("checkpoint", "stage", "eval_set", "role", "metric", "score", "mean_loglik", "n", "unfinished",
                  "seconds")
 
@@ -51,8 +60,9 @@ class EvalSet:
     chat template) and `answer`, and how to score them."""
 
     name: str = field(metadata={"help": "Column label in the table, e.g. 'cipher'."})
-    path: str = field(metadata={"help": ".jsonl, .json (a list of objects) or .csv file; relative paths are read "
-                                        "from the spec file's folder."})
+    path: str | None = field(default=None, metadata={"help": ".jsonl, .json (a list of objects) or .csv file; "
+                                                              "relative paths are read from the spec file's folder. "
+                                                              "Give this or lm_eval_task."})
     metric: str = field(default="exact_match", metadata={"help": f"One of {', '.join(METRICS)}."})
     role: str = field(default="prior", metadata={"help": "'new' (the skill being taught) or 'prior' (one that "
                                                          "should not be forgotten)."})
@@ -69,9 +79,39 @@ class EvalSet:
                                                              "model must stop); false for base models."})
     select: dict | None = field(default=None, metadata={"help": "Keep only rows whose columns equal these values, "
                                                                 "e.g. {skill: reverse}."})
+    lm_eval_task: str | None = field(default=None, metadata={"help": "An lm-eval task to score instead of a file "
+                                                                      "(pip install 'sdft_ds[lm-eval]'): lm-eval's "
+                                                                      "own task config decides prompts, generation "
+                                                                      "and metrics."})
+    lm_eval_include: str | None = field(default=None, metadata={"help": "lm-eval: a folder of local task YAMLs "
+                                                                         "(relative to the spec file), searched "
+                                                                         "instead of lm-eval's own tasks (indexing "
+                                                                         "those takes ~15 s)."})
+    lm_eval_metric: str | None = field(default=None, metadata={"help": "lm-eval: the metric that is the score, e.g. "
+                                                                        "acc, or metric,filter as in "
+                                                                        "exact_match,strict-match; unset, the "
+                                                                        "task's first."})
+    num_fewshot: int | None = field(default=None, metadata={"help": "lm-eval: few-shot examples (unset: the "
+                                                                     "task's own)."})
+    limit: int | None = field(default=None, metadata={"help": "lm-eval: score only the first N documents."})
+    lm_eval_chat: bool = field(default=False, metadata={"help": "lm-eval: render prompts with the tokenizer's "
+                                                                "chat template (lm-eval's apply_chat_template)."})
 
     def __post_init__(self):
         where = f"eval set {self.name!r}"
+        # A field that the other kind of set ignores is refused rather than silently dropped.
+        other = FILE_FIELDS if self.lm_eval_task else LM_EVAL_FIELDS
+        stray = [f.name for f in dataclasses.fields(self) if f.name in other and getattr(self, f.name) != f.default]
+        if stray:
+            raise ValueError(f"{where}: {', '.join(stray)} " + (
+                "set with lm_eval_task; lm-eval's task config decides how it is prompted and scored." if
+                self.lm_eval_task else "set without lm_eval_task; they are for lm-eval sets."))
+        if (self.path is None) == (self.lm_eval_task is None):
+            raise ValueError(f"{where}: " + ("path and lm_eval_task are both set; give one." if self.path else
+                                             "give path (a file of rows) or lm_eval_task."))
+        if (self.num_fewshot or 0) < 0 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"{where}: num_fewshot={self.num_fewshot} must be at least 0 and limit={self.limit} at "
+                             "least 1.")
         if self.metric not in METRICS:
             raise ValueError(f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}.")
         if self.role not in ROLES:
@@ -121,15 +161,16 @@ def read_eval_sets(spec_path) -> list[EvalSet]:
     known = {f.name for f in dataclasses.fields(EvalSet)}
     sets = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
-            raise ValueError(f"{spec_path}: eval set {i} must be a mapping with at least 'name' and 'path'; got "
-                             f"{entry!r}.")
+        if not isinstance(entry, dict) or "name" not in entry or not ({"path", "lm_eval_task"} & set(entry)):
+            raise ValueError(f"{spec_path}: eval set {i} must be a mapping with at least 'name' and 'path' (or "
+                             f"'lm_eval_task'); got {entry!r}.")
         unknown = sorted(set(entry) - known)
         if unknown:
             raise ValueError(f"{spec_path}: eval set {entry['name']!r} has unknown field(s) {unknown}; valid fields: "
                              f"{', '.join(sorted(known))}.")
-        path = Path(entry["path"])
-        sets.append(EvalSet(**{**entry, "path": str(path if path.is_absolute() else spec_path.parent / path)}))
+        paths = {key: str(spec_path.parent / entry[key]) for key in ("path", "lm_eval_include")  # absolute: kept
+                 if isinstance(entry.get(key), str)}
+        sets.append(EvalSet(**{**entry, **paths}))
     names = [s.name for s in sets]
     if len(set(names)) < len(names):
         raise ValueError(f"{spec_path}: eval set names repeat ({names}); each names one table column.")
@@ -154,6 +195,9 @@ def _read_records(path: Path) -> list[dict]:
 
 def load_rows(spec: EvalSet) -> Rows:
     """The eval set's rows, every one checked, with errors that name the eval set and the row."""
+    if spec.lm_eval_task:
+        raise ValueError(f"eval set {spec.name!r} is lm-eval task {spec.lm_eval_task!r}, which has no rows file: "
+                         "check it with lm_eval_key.")
     path, where = Path(spec.path), f"eval set {spec.name!r} ({spec.path})"
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such file.")
@@ -309,6 +353,72 @@ def evaluate_set(model, tokenizer, spec: EvalSet, rows: Rows, batch_size: int) -
     return {"score": sum(hits) / len(hits), "mean_loglik": None, "n": len(hits), "unfinished": unfinished}
 
 
+# ------------------------------------------------------------ lm-eval tasks (optional)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(include: str | None):
+    """lm-eval's task index, one per include folder (built once: indexing lm-eval's own tasks takes ~15 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=include is None)
+
+
+def lm_eval_key(spec: EvalSet) -> str:
+    """The key of lm-eval's result that is the set's score ('acc,none': metric,filter), every name checked before
+    any model loads. Builds the task once to read its metrics, which loads its dataset (a missing one fails here)."""
+    where, name = f"eval set {spec.name!r}", spec.lm_eval_task
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError(f"{where} names lm_eval_task {name!r}, and lm-eval is not installed: "
+                         "pip install 'sdft_ds[lm-eval]'.")
+    if spec.lm_eval_include is not None and not Path(spec.lm_eval_include).is_dir():
+        raise ValueError(f"{where}: lm_eval_include {spec.lm_eval_include} is not a folder.")
+    manager = _task_manager(spec.lm_eval_include)
+    if name not in manager.all_subtasks:  # one result per set: a group or tag would give several
+        looked = (f"the task YAMLs in {spec.lm_eval_include}" if spec.lm_eval_include else
+                  "lm-eval's own tasks (lm_eval_include names a folder of local ones)")
+        raise ValueError(f"{where}: lm_eval_task {name!r} is " + ("a group or tag, not one task (give one eval set "
+                         "per task)," if name in manager.all_tasks else "no task") + f" among {looked}.")
+    try:
+        [task] = manager.load([name])["tasks"].values()
+    except Exception as error:  # lm-eval and datasets raise many kinds (missing data file, bad YAML, no hub)
+        raise ValueError(f"{where}: lm-eval could not build task {name!r}: {error}") from error
+    filters = [f["name"] for f in task.config.filter_list or []] or ["none"]
+    keys = [f"{metric},{kept}" for kept in filters for metric in task.aggregation()]
+    wanted = spec.lm_eval_metric
+    chosen = keys[:1] if wanted is None else [k for k in keys if wanted in (k, k.split(",")[0])]
+    if len(chosen) != 1:
+        raise ValueError(f"{where}: lm-eval task {name!r} " + (f"has no metric {wanted!r}" if not chosen else
+                         f"has {wanted!r} under several filters") + f"; set lm_eval_metric to one of {keys}.")
+    if not task.higher_is_better().get(chosen[0].split(",")[0], True):
+        raise ValueError(f"{where}: lm-eval metric {chosen[0]} is lower-is-better; the table averages scores in "
+                         "[0, 1] where higher is better. Choose another lm_eval_metric.")
+    return chosen[0]
+
+
+def lm_eval_metric(key: str) -> str:
+    """The results' metric column for an lm-eval key: 'lm_eval:acc', or 'lm_eval:exact_match,strict-match'."""
+    return "lm_eval:" + key.removesuffix(",none")
+
+
+def evaluate_lm_eval(model, tokenizer, spec: EvalSet, key: str, batch_size: int) -> dict:
+    """Score an lm-eval task on a loaded model: {score, mean_loglik: None, n, unfinished: None}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # The task is built afresh from the cached manager: lm-eval keeps per-run state (requests, few-shot) on it.
+    results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=[spec.lm_eval_task],
+        task_manager=_task_manager(spec.lm_eval_include), num_fewshot=spec.num_fewshot, limit=spec.limit,
+        apply_chat_template=spec.lm_eval_chat, bootstrap_iters=0, log_samples=False)  # 0: no stderr, not tabled
+    score = results["results"][spec.lm_eval_task][key]
+    if not 0 <= score <= 1:
+        raise ValueError(f"eval set {spec.name!r}: lm-eval metric {key} gave {score}, outside [0, 1] (the table "
+                         "averages scores on one scale); choose another lm_eval_metric.")
+    return {"score": float(score), "mean_loglik": None, "n": results["n-samples"][spec.lm_eval_task]["effective"],
+            "unfinished": None}
+
+
 def load_model(path: str, device: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
@@ -319,17 +429,21 @@ def load_model(path: str, device: str, dtype: str = "auto"):
     return model.to(device).eval()
 
 
-def evaluate_checkpoint(path: str, stage: str, sets: list[tuple[EvalSet, Rows]], tokenizer, device: str,
+def evaluate_checkpoint(path: str, stage: str, sets: list[tuple[EvalSet, Rows | str]], tokenizer, device: str,
                         batch_size: int = 16, dtype: str = "auto") -> list[dict]:
-    """One result row per eval set for the checkpoint at `path`."""
+    """One result row per eval set for the checkpoint at `path`; each set comes with its Rows, or for an lm-eval
+    set its result key (lm_eval_key)."""
     model = load_model(path, device, dtype)
     results = []
     with torch.no_grad():
         for spec, rows in sets:
             start = time.perf_counter()
-            scores = evaluate_set(model, tokenizer, spec, rows, batch_size)
+            if spec.lm_eval_task:
+                scores, metric = evaluate_lm_eval(model, tokenizer, spec, rows, batch_size), lm_eval_metric(rows)
+            else:
+                scores, metric = evaluate_set(model, tokenizer, spec, rows, batch_size), spec.metric
             results.append({"checkpoint": str(path), "stage": stage, "eval_set": spec.name, "role": spec.role,
-                            "metric": spec.metric, **scores, "seconds": round(time.perf_counter() - start, 3)})
+                            "metric": metric, **scores, "seconds": round(time.perf_counter() - start, 3)})
     return results
 
 
@@ -430,15 +544,17 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--results {args.results} must end in .jsonl (its .csv twin is written beside it).")
         from sdft_ds.models import pretrained_source
 
-        sets = [(spec, load_rows(spec)) for spec in read_eval_sets(args.eval_sets)]
+        sets = [(spec, lm_eval_key(spec) if spec.lm_eval_task else load_rows(spec))
+                for spec in read_eval_sets(args.eval_sets)]
         models = [pretrained_source(m, "--model") for m in args.model]
         tokenizers = [load_tokenizer(args.tokenizer or m, role="--tokenizer" if args.tokenizer else "--model")
                       for m in models]
-        chat = any(isinstance(p, list) for _, rows in sets for p in rows.prompts)
+        chat = any(spec.lm_eval_chat or isinstance(rows, Rows) and any(isinstance(p, list) for p in rows.prompts)
+                   for spec, rows in sets)
         bare = [t.name_or_path for t in tokenizers if chat and t.chat_template is None]
         if bare:
-            raise ValueError(f"An eval set has chat prompts, and the tokenizer of {bare[0]} has no chat template. "
-                             "Pass --tokenizer with one, or give plain-string prompts.")
+            raise ValueError(f"An eval set has chat prompts (or lm_eval_chat), and the tokenizer of {bare[0]} has no "
+                             "chat template. Pass --tokenizer with one, or give plain-string prompts.")
     except (ValueError, OSError) as error:  # FileNotFoundError, NotADirectoryError too
         parser.error(str(error))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
