@@ -270,18 +270,14 @@ def reference_scores(logits, targets, scored, stop, eos_ids: list[int]):
 
 
 def _generation_config(spec: EvalSet, eos_ids: list[int], pad_id: int):
-    """Every sampling field explicit (as rollout.generation_config): `generate` fills unset ones from the
-    checkpoint's generation_config.json, whose repetition_penalty or top_k would change the score."""
-    from transformers import GenerationConfig
+    """The eval set's decoding, every field explicit: a checkpoint's generation_config.json (repetition_penalty,
+    top_k, ...) would otherwise change the score."""
+    from sdft_ds.models import explicit_generation_config
 
-    greedy = not spec.sample
-    return GenerationConfig(do_sample=spec.sample, temperature=None if greedy else spec.temperature,
-                            top_p=None if greedy else spec.top_p, top_k=None if greedy else 0, min_p=None,
-                            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-                            max_new_tokens=spec.max_new_tokens, min_new_tokens=0, eos_token_id=list(eos_ids),
-                            pad_token_id=pad_id, num_return_sequences=1, use_cache=True, bad_words_ids=None,
-                            suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
-                            forced_eos_token_id=None, cache_implementation=None, disable_compile=True)
+    return explicit_generation_config(
+        sample=spec.sample, temperature=spec.temperature, top_p=spec.top_p, top_k=0 if spec.sample else None,
+        max_new_tokens=spec.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, cache_implementation=None,
+        disable_compile=True)
 
 
 def _batches(lengths: list[int], batch_size: int):

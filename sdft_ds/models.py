@@ -1,5 +1,5 @@
 """What sdft_ds must know about a model's architecture: whether student and teacher pair, how its output layer
-makes logits, which ids end a completion, where its dropout lives. Read from configs before any model is loaded where the config says it, from
+makes logits, which ids end a completion and how it generates, where its dropout lives. Read from configs before any model is loaded where the config says it, from
 the loaded modules otherwise — always before an engine is built.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from sdft_ds.divergence import IDENTITY, LogitTransform
 
@@ -163,6 +163,20 @@ def eos_ids(tokenizer, *lms: nn.Module) -> list[int]:
         configured = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
+
+
+def explicit_generation_config(*, sample: bool, temperature: float, top_p: float, top_k: int | None,
+                               max_new_tokens: int, eos_ids: list[int], pad_id: int, **extra) -> GenerationConfig:
+    """Every sampling field set explicitly: `generate` fills unset ones from the checkpoint's generation_config.json
+    (Qwen2.5-Instruct ships repetition_penalty=1.05), which would silently change the rollout policy or an eval
+    score. `extra`: the cache and compile fields."""
+    greedy = not sample
+    return GenerationConfig(
+        do_sample=sample, temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=top_k,
+        min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(eos_ids), pad_token_id=pad_id,
+        num_return_sequences=1, use_cache=True, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        forced_bos_token_id=None, forced_eos_token_id=None, **extra)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from deepspeed.runtime.rollout import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
-from transformers import CompileConfig, GenerationConfig
+from transformers import CompileConfig
 
-from sdft_ds import engines
+from sdft_ds import engines, models
 from sdft_ds.batch import completion_mask
 
 logger = logging.getLogger(__name__)
@@ -75,17 +75,13 @@ PROMPT_WIDTH_MULTIPLE = 64  # compiled decoding: prompts padded to a multiple, s
 
 def generation_config(sampling: SamplingConfig, eos_ids: list[int], pad_id: int, greedy: bool = False,
                       compiled: bool = False):
-    """Every sampling field set explicitly: `generate` fills unset ones from the model's own generation
-    config (Qwen2.5-Instruct ships repetition_penalty=1.05), which would silently change the policy."""
+    """The rollout's sampling settings, every field explicit (models.explicit_generation_config)."""
     compile_fields = (dict(cache_implementation="static", compile_config=COMPILE_CONFIG) if compiled
                       else dict(cache_implementation=None, disable_compile=True))
-    return GenerationConfig(**compile_fields,
-        do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p, top_k=0 if greedy else max(sampling.top_k, 0),
-        min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-        max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, eos_token_id=list(eos_ids),
-        pad_token_id=pad_id, num_return_sequences=1, use_cache=True, bad_words_ids=None,
-        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None)
+    return models.explicit_generation_config(
+        sample=not greedy, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=0 if greedy else max(sampling.top_k, 0), max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids,
+        pad_id=pad_id, **compile_fields)
 
 
 class HFGenerateRollout(RolloutEngine):
