@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     spec = tasks.write_eval_sets(out, args.eval_rows)
-    held_out = {row["prompt"] for s in tasks.eval_spec() for row in tasks.read_jsonl(out / s["path"])}
+    held_out = {row["prompt"] for row in tasks.eval_rows(tasks.NEW_SKILL, rows=args.eval_rows)}
     tasks.write_jsonl(tasks.training_rows(args.demonstrations, seed=0, exclude=held_out), out / "train.jsonl")
     print(f"eval sets: {spec}; demonstrations: {out / 'train.jsonl'}")
 

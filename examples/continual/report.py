@@ -7,17 +7,17 @@ seeds, and the change from the pretrained model) and a PNG of new-skill and prio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from sdft_ds.evaluate import read_results
 
 
 def load(runs: Path) -> list[dict]:
     rows = []
     for path in sorted(runs.glob("*/results.jsonl")):
-        rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows += read_results(path)
     if not rows:
         raise SystemExit(f"no */results.jsonl under {runs}; run finetune.py first.")
     return rows
@@ -45,8 +45,8 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 def table(rows: list[dict]) -> str:
     points = curves(rows)
-    new = [s for s in dict.fromkeys(r["eval_set"] for r in rows if r["role"] == "new")]
-    prior = [s for s in dict.fromkeys(r["eval_set"] for r in rows if r["role"] == "prior")]
+    new = list(dict.fromkeys(r["eval_set"] for r in rows if r["role"] == "new"))
+    prior = list(dict.fromkeys(r["eval_set"] for r in rows if r["role"] == "prior"))
     columns = [*new, *prior, "prior avg"]
     runs = order(rows)
     seeds = {m: sorted({k[1] for k in points if k[0] == m}) for m in runs}
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     plot(rows, out / "accuracy_vs_step.png")
     text = table(rows)
     if args.teacher_check:
-        for r in map(json.loads, Path(args.teacher_check).read_text(encoding="utf-8").splitlines()):
+        for r in read_results(args.teacher_check):
             text += (f"\n\nTeacher check: with its demonstration in the prompt, the pretrained model answers "
                      f"{100 * r['score']:.1f} % of the {r['n']} held-out {r['eval_set']} prompts.")
     (out / "results.md").write_text(text + "\n", encoding="utf-8")

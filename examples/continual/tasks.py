@@ -155,10 +155,6 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_eval_sets(folder: Path, rows: int = EVAL_ROWS) -> Path:
     """Every eval set as <name>.jsonl plus eval_sets.json (the harness's spec) in `folder`; returns the spec."""
     new = eval_rows(NEW_SKILL, rows=rows)
