@@ -31,6 +31,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' pre-emption warni
 
 def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_dir: str) -> None:
     """Rank 0 only: config, generation config, weights (safetensors) and tokenizer of `lm`."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    write_folder(lambda staging: lm.save_pretrained(staging, state_dict=state_dict, safe_serialization=True),
+                 tokenizer, output_dir)
+
+
+def write_adapter(peft_model, adapter: str, state_dict: dict[str, torch.Tensor], tokenizer, output_dir: str) -> None:
+    """Rank 0 only: a LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors; loads with
+    PeftModel.from_pretrained) and the tokenizer. `state_dict`: the adapter's weights named as in the PeftModel."""
+    write_folder(lambda staging: peft_model.save_pretrained(staging, state_dict=state_dict, selected_adapters=[adapter],
+                                                            save_embedding_layers=False, safe_serialization=True),
+                 tokenizer, output_dir)
+
+
+def write_folder(save, tokenizer, output_dir: str) -> None:
+    """Rank 0 only: what `save(folder)` writes, and the tokenizer, into `output_dir` without ever leaving it
+    half-written: written to a staging folder beside it, then moved in."""
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
@@ -38,8 +54,7 @@ def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to its writer
     try:
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        lm.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        save(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for item in staging.iterdir():  # some writers create their files 0600 too
@@ -61,7 +76,7 @@ def write_pretrained(lm, state_dict: dict[str, torch.Tensor], tokenizer, output_
 
 
 def _is_weights(name: str) -> bool:
-    return name.startswith("model") and ".safetensors" in name
+    return name.startswith(("model", "adapter_model")) and ".safetensors" in name
 
 
 def upload(folder: str, repo_id: str, private: bool) -> None:

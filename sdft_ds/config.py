@@ -211,6 +211,22 @@ class SDFTConfig:
                                             "is installed, else sdpa.", default=None)
     disable_dropout: bool = _help("Turn dropout off in student and teacher.", default=True)
 
+    # ---- LoRA (peft) ----
+    use_peft: bool = _help("Train a LoRA adapter instead of the whole student (peft): only the adapter's parameters "
+                           "get gradients and optimizer state. Without ref_model the teacher needs no second copy of "
+                           "the weights: frozen = the student with its adapter disabled (the base model), ema = a "
+                           "second adapter averaged from the student's, live = the student with its adapter. "
+                           "SDFTTrainer(peft_config=LoraConfig(...)) sets it from code.", default=False)
+    lora_r: int = _help("LoRA rank (use_peft).", default=16)
+    lora_alpha: int = _help("LoRA scaling numerator: the update is lora_alpha / lora_r · B·A (use_peft).", default=32)
+    lora_dropout: float = _help("Dropout on the adapter's input in the student's forward (use_peft; disable_dropout "
+                                "does not touch it).", default=0.0)
+    lora_target_modules: str = _help("Linear layers given an adapter (use_peft): comma-separated module names "
+                                     "(q_proj,k_proj,v_proj,o_proj) or all-linear (every linear layer except the "
+                                     "output layer).", default="all-linear")
+    save_merged_model: bool = _help("use_peft: besides the adapter in output_dir (PEFT format), export the base model "
+                                    "with the adapter merged into its weights to <output_dir>/merged.", default=False)
+
     # ---- method ----
     method: str = _help("sdft: self-distillation (on-policy completions, the teacher's divergence). sft: the "
                         "supervised baseline on the same engines, optimizer, scheduler and batching: mean "
@@ -310,7 +326,7 @@ class SDFTConfig:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_prompt_length",
                     "max_teacher_prompt_length", "max_completion_length", "num_generations", "num_iterations",
                     "teacher_sync_steps", "logging_steps", "divergence_token_chunk", "divergence_vocab_chunk",
-                    "distillation_topk", "max_consecutive_nonfinite")
+                    "distillation_topk", "max_consecutive_nonfinite", "lora_r", "lora_alpha")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -361,6 +377,11 @@ class SDFTConfig:
             raise ValueError(f"teacher_prompt_template={self.teacher_prompt_template!r} cannot be filled from "
                              f"{{prompt}} and {{privileged_context}} alone ({type(error).__name__}: {error}); write a "
                              "literal brace as {{ or }}.") from None
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not self.lora_target_modules.strip(" ,"):
+            raise ValueError("lora_target_modules is empty: name the linear layers to adapt (q_proj,v_proj) or "
+                             "write all-linear.")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both set; choose one.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

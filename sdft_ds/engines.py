@@ -194,6 +194,19 @@ def register_hf_config(hf_config: HfDeepSpeedConfig) -> None:
     _registered[:] = [hf_config]
 
 
+@contextlib.contextmanager
+def unpartitioned_construction():
+    """Models built in the block are built whole (e.g. a meta-device skeleton), whatever ZeRO-3 config is
+    registered; the registration is restored after."""
+    saved = list(_registered)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if saved:
+            register_hf_config(saved[0])
+
+
 def load_causal_lm(model, hf_config: HfDeepSpeedConfig, init_kwargs: dict | None,
                    attn_implementation: str | None) -> nn.Module:
     """A model object is used as given; a path or name is loaded already partitioned under `hf_config`."""
@@ -468,19 +481,24 @@ def _refresh_full(param) -> None:
     param.data.view(-1).copy_(whole[:param.ds_numel])
 
 
-class TeacherEMA:
-    """θ_T ← (1 − r)·θ_T + r·θ_S, each rank on the ZeRO-3 partition of θ_T it holds.
+def parameter_pairs(teacher_engine, student_engine) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(teacher, student) parameters of two models of one architecture, in order."""
+    return list(zip(language_model(teacher_engine).parameters(), language_model(student_engine).parameters()))
 
-    Teacher and student of one architecture are partitioned alike, so each rank's teacher partition meets the
+
+class TeacherEMA:
+    """θ_T ← (1 − r)·θ_T + r·θ_S over (teacher, student) parameter pairs (the whole models, or a LoRA teacher
+    adapter and the student's), each rank on the ZeRO-3 partition of θ_T it holds.
+
+    Parameters of one shape are partitioned alike, so each rank's teacher partition meets the
     student partition of the same elements and nothing is gathered; only the small parameters ZeRO-3 keeps whole
     (persistent) are re-assembled with one all-gather each (a student laid out otherwise, e.g. under ZeRO-2, is
     read whole or gathered one parameter at a time). With a 16-bit teacher the average is kept in an fp32 copy
     of those partitions: r·(θ_S − θ_T) at r = 0.01 is far below bf16's resolution (2^-8 relative), so averaging
     in bf16 would leave the teacher frozen."""
 
-    def __init__(self, teacher_engine, student_engine, fp32_shadow: bool = True):
-        self.pairs = list(zip(language_model(teacher_engine).parameters(),
-                              language_model(student_engine).parameters()))
+    def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter]], fp32_shadow: bool = True):
+        self.pairs = pairs
         self.shadows = [_piece(t)[0].float() if fp32_shadow and t.dtype != torch.float32 else None
                         for t, _ in self.pairs]
 
@@ -523,7 +541,7 @@ class TeacherEMA:
 
 def copy_weights(teacher_engine, student_engine) -> None:
     """The teacher becomes a copy of the student (a teacher made from the student's checkpoint)."""
-    TeacherEMA(teacher_engine, student_engine, fp32_shadow=False).update(1.0)
+    TeacherEMA(parameter_pairs(teacher_engine, student_engine), fp32_shadow=False).update(1.0)
 
 
 # ---------------------------------------------------------------- checkpoints and export
@@ -537,13 +555,17 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k.removeprefix("lm."): v for k, v in (state or {}).items() if k.startswith("lm.")}
 
 
-def save_checkpoint(engine, directory: str, tag: str) -> None:
-    engine.save_checkpoint(directory, tag=tag)
+def save_checkpoint(engine, directory: str, tag: str, trained_only: bool = False) -> None:
+    """`trained_only` (LoRA): the frozen base weights stay out of the checkpoint (a resumed run loads them from
+    the model again), so each checkpoint holds the adapter, not another copy of the model."""
+    engine.save_checkpoint(directory, tag=tag, exclude_frozen_parameters=trained_only)
 
 
-def load_checkpoint(engine, directory: str, tag: str) -> None:
-    """Weights, optimizer and scheduler state of a training engine."""
-    path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+def load_checkpoint(engine, directory: str, tag: str, trained_only: bool = False) -> None:
+    """Weights, optimizer and scheduler state of a training engine (the trained weights only, when the
+    checkpoint was saved so: the others keep the values they were built with)."""
+    path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                     load_module_strict=not trained_only)
     if path is None:
         raise FileNotFoundError(f"No DeepSpeed checkpoint found in {directory!r} (tag {tag!r}).")
 

@@ -12,6 +12,7 @@ Paths (chosen once per run by `build_rollout` and logged):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -92,12 +93,14 @@ class HFGenerateRollout(RolloutEngine):
     gathers through the hooks, a collective per layer and token, so ranks must step together (`synced_gpus`)."""
 
     def __init__(self, engine, eos_ids: list[int], pad_id: int, gather_once: bool, world_size: int,
-                 compiled: bool = False):
+                 compiled: bool = False, adapter=None):
         if compiled and not gather_once:
             raise ValueError("Compiled decoding needs the whole model (gather-once): ZeRO-3's per-layer hooks "
                              "cannot run inside a compiled graph.")
         self.engine, self.eos_ids, self.pad_id = engine, eos_ids, pad_id
         self.gather_once, self.world_size, self.compiled = gather_once, world_size, compiled
+        # the LoRA adapter to generate with: a teacher's (a context that switches to it), or the student's (None)
+        self.adapter = adapter or contextlib.nullcontext
         self.name = ("gather_once" if gather_once else "per_layer") + ("+compiled" if compiled else "")
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig, greedy: bool = False) -> RolloutBatch:
@@ -113,7 +116,7 @@ class HFGenerateRollout(RolloutEngine):
         lm.config.use_cache = True
         context = engines.whole_model(self.engine) if self.gather_once else engines.hooked_inference(self.engine)
         try:
-            with torch.no_grad(), context:
+            with torch.no_grad(), context, self.adapter():
                 output = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                      generation_config=generation_config(sampling, self.eos_ids, self.pad_id, greedy,
                                                                          self.compiled),
@@ -134,10 +137,12 @@ HYBRID_ENGINE_ARCHITECTURES = ("llama", "opt", "gpt2", "gpt_neo", "gpt_neox", "g
 VALIDATION_TOKENS = 16
 
 
-def hybrid_engine_blocker(config, hybrid_engine_enabled: bool, cuda: bool) -> str | None:
+def hybrid_engine_blocker(config, hybrid_engine_enabled: bool, cuda: bool, lora: bool = False) -> str | None:
     """Why DeepSpeed's hybrid engine cannot serve this model, or None when it may (still to be validated)."""
     if not hybrid_engine_enabled:
         return "the student DeepSpeed config has no enabled `hybrid_engine` section"
+    if lora:
+        return "its inference containers replace the linear layers that carry the LoRA adapters"
     if not cuda:
         return "the hybrid engine's inference kernels need CUDA"
     if config.model_type not in HYBRID_ENGINE_ARCHITECTURES:
@@ -234,14 +239,17 @@ class ValidatedRollout(RolloutEngine):
 
 
 def build_rollout(engine, path: str, tokenizer, eos_ids: list[int], pad_id: int, world_size: int,
-                  hybrid_engine_enabled: bool, compiled: bool = False) -> RolloutEngine:
+                  hybrid_engine_enabled: bool, compiled: bool = False, lora: bool = False,
+                  adapter=None) -> RolloutEngine:
     """The generation path for `engine`: `path` from SDFTConfig.rollout_path, `auto` deciding by model,
-    device and memory. Logged once."""
+    device and memory. Logged once. LoRA: the adapter stays unmerged while generating (`adapter` picks which);
+    merging it into the base weights and out again is not exact in 16 bits, and the base weights are also the
+    frozen teacher."""
     gather_once = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=True, world_size=world_size,
-                                    compiled=compiled)
-    per_layer = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=False, world_size=world_size)
+                                    compiled=compiled, adapter=adapter)
+    per_layer = HFGenerateRollout(engine, eos_ids, pad_id, gather_once=False, world_size=world_size, adapter=adapter)
     config = engines.language_model(engine).config
-    blocker = hybrid_engine_blocker(config, hybrid_engine_enabled, torch.cuda.is_available())
+    blocker = hybrid_engine_blocker(config, hybrid_engine_enabled, torch.cuda.is_available(), lora)
     if path == "hybrid_engine" and blocker:
         raise ValueError(f"rollout_path='hybrid_engine' is not possible: {blocker}. Use rollout_path='auto'.")
     fits = engines.fits_gathered(engine)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from sdft_ds import checkpoint, engines, models
+from sdft_ds import checkpoint, engines, lora, models
 from sdft_ds.batch import MicroBatch, completion_mask, loss_tokens, micro_batch, right_pad, token_weights
 from sdft_ds.config import SDFTConfig
 from sdft_ds.data import (PromptSampler, left_pad, load_prompt_dataset, load_tokenizer, tokenize_completions,
@@ -57,6 +57,15 @@ RESUME_FIXED = ("method", "teacher_mode", "generate_from_teacher", "per_device_t
 PER_NODE_PATHS = ("output_dir", "resume_from_checkpoint")  # may differ per node (node-local disks)
 
 
+def _lora_name(config) -> str | None:
+    """What a resumed run's adapter must share with the checkpoint's."""
+    if config is None:
+        return None
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
+    return f"r={config.r}, alpha={config.lora_alpha}, targets={targets}, rslora={config.use_rslora}"
+
+
 def _model_name(model) -> str:
     if model is None:
         return "(a copy of the student)"
@@ -77,13 +86,13 @@ class SDFTTrainer:
                  "(launch/train.py: eval_dataset_name)"),
                 ("callbacks", callbacks, "read trainer.summary and the report_to logs after train()"),
                 ("optimizers", None if optimizers == (None, None) else optimizers,
-                 "set the optimizer and scheduler in the student DeepSpeed config and lr_scheduler_type"),
-                ("peft_config", peft_config, "train the full model (LoRA is not supported yet)")):
+                 "set the optimizer and scheduler in the student DeepSpeed config and lr_scheduler_type")):
             if value is not None:
                 raise ValueError(f"SDFTTrainer does not take TRL's {name}: {instead}.")
         self.args = args = args if args is not None else SDFTConfig()
         set_deepspeed_log_level(args.deepspeed_log_level)
         engines.check_accelerator(args)
+        self.lora = lora.lora_config(args, peft_config)  # None: the whole student trains
         if train_dataset is None:
             raise ValueError("train_dataset is required: rows with 'prompt' and 'teacher_prompt'.")
         self.sft = args.method == "sft"
@@ -108,6 +117,8 @@ class SDFTTrainer:
         # how each output layer makes logits (refusing what the fused head cannot reproduce); a live teacher is the
         # student
         self.heads = (models.logit_transform(student_config), models.logit_transform(teacher_config))
+        if self.lora is not None:
+            lora.check_targets(student_config, self.lora)
 
         self.rank, self.world_size = engines.init_distributed()
         self.fingerprint = self._fingerprint(model, ref_model)
@@ -128,6 +139,8 @@ class SDFTTrainer:
         models.check_output_layer(student_lm)
         if args.disable_dropout:
             models.disable_dropout(student_lm)
+        self.peft = None if self.lora is None else lora.attach(  # the adapter layers go into student_lm
+            student_lm, self.lora, teacher_adapter=not self.sft and args.teacher_mode == "ema" and ref_model is None)
         self.student = engines.build_student_engine(student_lm, student_ds, args, self.total_steps)
         self.ema: engines.TeacherEMA | None = None
         self.teacher = self._build_teacher(ref_model, teacher_config, engines.zero_stage(student_ds))
@@ -137,9 +150,12 @@ class SDFTTrainer:
         engines.register_hf_config(student_ds)  # the student's ZeRO stage for what transformers builds from now on
 
         generator = self.teacher if args.generate_from_teacher else self.student
+        adapter = generator.active if isinstance(generator, lora.AdapterTeacher) else None
+        generator = self.student if adapter else generator  # an adapter teacher generates on the student's engine
         self.rollout = None if self.sft else build_rollout(
             generator, args.rollout_path, self.tokenizer, self.eos_ids, self.tokenizer.pad_token_id, self.world_size,
-            engines.hybrid_engine_enabled(generator), args.compile_generation)
+            engines.hybrid_engine_enabled(generator), args.compile_generation, lora=self.lora is not None,
+            adapter=adapter)
         self.sampling = sampling_config(args)
         torch.manual_seed(args.seed + self.rank)  # ranks sample different completions
         self.step = 0
@@ -166,7 +182,7 @@ class SDFTTrainer:
         for ids in (*self.prompts.prompt_ids, *self.prompts.teacher_prompt_ids, *self.completions):
             digest.update(array.array("q", ids).tobytes() + b"|")
         return {"dataset": f"{len(self.prompts)} rows, tokens sha256 {digest.hexdigest()[:16]}",
-                "student": _model_name(model), "teacher": _model_name(ref_model),
+                "student": _model_name(model), "teacher": _model_name(ref_model), "lora": _lora_name(self.lora),
                 **{name: getattr(self.args, name) for name in RESUME_FIXED}}
 
     def _together(self, problem: str | None, error=ValueError) -> None:
@@ -265,12 +281,18 @@ class SDFTTrainer:
 
     def _build_teacher(self, ref_model, teacher_config, student_stage: int):
         """Frozen/EMA: a separate inference engine. Without ref_model it starts as a copy of the student. SFT: none,
-        and live: the student itself."""
+        and live: the student itself. LoRA without ref_model: the student's engine with its adapter disabled
+        (frozen) or with the teacher adapter (ema); with an EMA ref_model, that model gets an adapter of its own."""
         args = self.args
         if self.sft:
             return None
         if args.teacher_mode == "live":
             return self.student
+        if self.peft is not None and ref_model is None:
+            ema = args.teacher_mode == "ema"
+            if ema:
+                self.ema = engines.TeacherEMA(lora.adapter_pairs(engines.language_model(self.student)))
+            return lora.AdapterTeacher(self.student, self.peft, lora.TEACHER_ADAPTER if ema else None)
         teacher_ds = engines.fill_ds_config(args.teacher_ds_config_path(student_stage), args, self.world_size,
                                             teacher_config.hidden_size, self.total_steps)
         if ref_model is not None:
@@ -280,13 +302,21 @@ class SDFTTrainer:
         models.check_output_layer(lm)
         if args.disable_dropout:
             models.disable_dropout(lm)
+        lora_ema = self.peft is not None and args.teacher_mode == "ema"
+        if lora_ema:
+            lora.attach(lm, self.lora)
         teacher = engines.build_teacher_engine(lm, teacher_ds)
         if ref_model is None:
             engines.copy_weights(teacher, self.student)
         if args.teacher_mode == "ema":
             if engines.architecture(teacher) != engines.architecture(self.student):
                 raise ValueError("teacher_mode='ema' needs the teacher's parameters to match the student's one to one.")
-            self.ema = engines.TeacherEMA(teacher, self.student)
+            if lora_ema:  # the ref_model's adapter starts as the student's and follows it
+                pairs = lora.adapter_pairs(engines.language_model(self.student), engines.language_model(teacher))
+                engines.TeacherEMA(pairs, fp32_shadow=False).update(1.0)
+            else:
+                pairs = engines.parameter_pairs(teacher, self.student)
+            self.ema = engines.TeacherEMA(pairs)
         return teacher
 
     # ------------------------------------------------------------ the loop
@@ -312,7 +342,10 @@ class SDFTTrainer:
         self._together(problem, RuntimeError)
         self.tracking_state = tracker.state()
         local, total = engines.numel(self.student)
-        tracker.info(f"{args.method}; student: {total:,} parameters, {local:,} on rank 0; {self.world_size} rank(s); "
+        trained = ("" if self.peft is None
+                   else f" (LoRA r={self.lora.r}: {lora.trained_parameters(self.student):,} trained)")
+        tracker.info(f"{args.method}; student: {total:,} parameters{trained}, {local:,} on rank 0; {self.world_size} "
+                     "rank(s); "
                      f"generation: {self.rollout.name if self.rollout else 'none'}; optimizer steps {self.step} -> "
                      f"{self.total_steps}")
         first_step, started = self.step, time.perf_counter()
@@ -495,7 +528,7 @@ class SDFTTrainer:
     def _teacher_weight(self) -> torch.Tensor | None:
         """The teacher's output weight, gathered once and kept until the teacher changes (an EMA sync), instead of
         once per micro-batch; None for a live teacher, which shares the student's (gathered by the head)."""
-        if self.teacher is self.student:
+        if engines.output_weight(self.teacher) is engines.output_weight(self.student):  # live, LoRA without ref_model
             return None
         if self._teacher_head is None:
             self._teacher_head = engines.full_copy(engines.output_weight(self.teacher))
@@ -575,12 +608,24 @@ class SDFTTrainer:
     # ------------------------------------------------------------ saving
 
     def save_model(self, output_dir: str | None = None) -> str:
-        """A Hugging Face checkpoint (consolidated 16-bit weights, config, tokenizer); all ranks must call it."""
+        """A Hugging Face checkpoint (consolidated 16-bit weights, config, tokenizer); all ranks must call it.
+        LoRA: the adapter in PEFT's format (PeftModel.from_pretrained(base, output_dir)), and with
+        save_merged_model the base with the adapter merged in, in <output_dir>/merged."""
         output_dir = output_dir or self.args.output_dir
         self._check_student_finite("exported")
-        state = engines.consolidated_state_dict(self.student)
-        if self.rank == 0:
-            checkpoint.write_pretrained(engines.language_model(self.student), state, self.tokenizer, output_dir)
+        lm = engines.language_model(self.student)
+        if self.peft is None:
+            state = engines.consolidated_state_dict(self.student)
+            if self.rank == 0:
+                checkpoint.write_pretrained(lm, state, self.tokenizer, output_dir)
+        else:
+            adapter = lora.adapter_state_dict(self.student, self.peft, self.rank)
+            if self.rank == 0:
+                checkpoint.write_adapter(self.peft, lora.STUDENT_ADAPTER, adapter, self.tokenizer, output_dir)
+            if self.args.save_merged_model:
+                merged = lora.merged_state_dict(self.student, self.rank)
+                if self.rank == 0:
+                    checkpoint.write_pretrained(lm, merged, self.tokenizer, str(Path(output_dir) / "merged"))
         engines.barrier()
         return output_dir
 
@@ -604,7 +649,7 @@ class SDFTTrainer:
             problem = checkpoint.write_failure(directory / tag, error)
         self._together(problem, OSError)
         try:
-            engines.save_checkpoint(self.student, str(directory), tag)
+            engines.save_checkpoint(self.student, str(directory), tag, trained_only=self.peft is not None)
         except (OSError, RuntimeError) as error:  # e.g. a full disk: torch.save says only "unexpected pos ..."
             raise OSError(checkpoint.write_failure(directory / tag, error)) from error
         engines.barrier()  # every rank's files are written
@@ -623,7 +668,7 @@ class SDFTTrainer:
                        "learning_rate.", FloatingPointError)
 
     def _resume(self, directory: Path, tag: str, record: dict) -> None:
-        engines.load_checkpoint(self.student, str(directory), tag)
+        engines.load_checkpoint(self.student, str(directory), tag, trained_only=self.peft is not None)
         state = record["state"]
         self.step, self.teacher_syncs = state["step"], state["teacher_syncs"]
         self.prompts_truncated, self.teacher_prompts_truncated = state["prompts_truncated"]

@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 from sdft_ds import SDFTConfig
+from sdft_ds.assets import model_dir
 from sdft_ds.config import TRL_ALIASES, TRL_DEFAULTS, TRL_UNSUPPORTED
 from sdft_ds.data import teacher_prompt, with_teacher_prompts
 
@@ -235,10 +236,12 @@ def test_trls_trainer_arguments_are_refused_by_name_before_any_engine():
 
     with pytest.raises(TypeError):  # TRL passes args second: never taken as the teacher
         SDFTTrainer("model", SDFTConfig())
-    for name, value in (("eval_dataset", [{"prompt": "x"}]), ("callbacks", []), ("optimizers", ("adam", None)),
-                        ("peft_config", {"r": 8})):
+    for name, value in (("eval_dataset", [{"prompt": "x"}]), ("callbacks", []), ("optimizers", ("adam", None))):
         with pytest.raises(ValueError, match=f"does not take TRL's {name}"):
             SDFTTrainer("model", args=SDFTConfig(), train_dataset=[{"prompt": "x"}], **{name: value})
+    with pytest.raises(ValueError, match="peft_config is a dict; sdft_ds trains LoRA adapters only"):
+        SDFTTrainer(str(model_dir("tiny-qwen2-student")), args=SDFTConfig(), train_dataset=[{"prompt": "x"}],
+                    peft_config={"r": 8})
 
 
 def test_migration_page_lists_every_alias_refusal_and_default_difference():
