@@ -1,5 +1,6 @@
 """SDFTConfig validation and the command line: recipes, overrides, and errors that name the fix."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,15 @@ def test_paper_recipe_holds_the_papers_settings():
     assert config.bf16 and config.num_loss_tokens_to_skip == 3
     assert (config.max_prompt_length, config.max_completion_length) == (1024, 2048)
     assert "including the thinking process" in config.teacher_prompt_template
+
+
+def test_the_lora_recipe_is_the_paper_recipe_with_an_adapter():
+    _, full = parse_args(["--config", str(REPO / "launch/recipes/paper_tool_use.yaml")])
+    _, lora = parse_args(["--config", str(REPO / "launch/recipes/paper_tool_use_lora.yaml")])
+    differ = {f.name for f in dataclasses.fields(full) if getattr(full, f.name) != getattr(lora, f.name)}
+    assert differ == {"use_peft", "lora_r", "lora_alpha", "save_merged_model", "learning_rate", "output_dir",
+                      "run_name", "deepspeed", "teacher_deepspeed"}
+    assert (lora.lora_r, lora.lora_target_modules, lora.learning_rate) == (64, "all-linear", 1e-4)
 
 
 # ---- recipe values, types and ranges (PROBE: `1e-5` in YAML, negative rates, max_steps 2.5, ...)
