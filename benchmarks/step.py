@@ -1,23 +1,31 @@
-"""One SDFT optimizer step, timed: sdft_ds against TRL's SDFTTrainer and a plain PyTorch reference.
+"""One SDFT optimizer step, timed: sdft_ds against TRL's SDFTTrainer and a plain PyTorch reference; sdft_ds with a
+LoRA student against sdft_ds training the whole model.
 
     source launch/setup_env.sh dev && pip install trl==1.16.0     # TRL is optional: without it that case is skipped
-    python benchmarks/step.py                                     # CPU: sizes small, vocab152k, loss-bound; all cases
+    python benchmarks/step.py                                     # CPU: sizes small, vocab152k, loss-bound;
+                                                                  # cases reference, trl, sdft_ds
     python benchmarks/step.py --size small --warmup 1 --steps 1   # smoke test
     python benchmarks/step.py --cases reference,sdft_ds --sdft-configs zero3_offload.json,zero3.json
     python benchmarks/step.py --device cuda --out benchmarks/results/step_cuda.txt
+    python benchmarks/step.py --size wide --cases sdft_ds,sdft_ds_lora --lora-r 16  # LoRA vs full: memory
 
 Every case runs in a fresh process (so its peak memory is its own) on the same work: a tiny Qwen2-style model
 built from a config with a fixed seed and saved once per size (student and frozen teacher load that checkpoint),
 fp32, sdpa attention, forward KL(T||S) over the full vocabulary (alpha 0), temperature 1, top_p 1, top_k 0, one
 completion per prompt, AdamW lr 1e-5 (weight decay 0, clipping at 1.0, linear decay), the first 64 demo prompts
-tokenised by the same `tokenizer(text)` call all three trainers make. The checkpoint's generation_config holds
+tokenised by the same `tokenizer(text)` call all three trainers make. sdft_ds_lora is the sdft_ds case with
+use_peft: a LoRA adapter (rank --lora-r, lora_alpha 32, every linear layer but the output layer) on the student,
+which alone trains; its frozen teacher is the student's engine with the adapter disabled (no ref_model: no second
+copy of the weights), the same initial model the sdft_ds case's teacher loads. The checkpoint's generation_config holds
 only eos/pad ids, so no model default (repetition_penalty, top_k=50, ...) can change the sampling. The untrained
 model almost never samples EOS (1 id in the vocabulary), so completions run to the limit in every case.
 Definitions: s/step = median over the --steps measured steps (after --warmup steps) of the wall-clock step;
 tokens/s = median of (prompt + completion tokens trained in the step, summed over the batch, padding excluded,
 completion up to and including the first EOS) / step time; phases = mean seconds per measured step, "other" = step
 minus the named phases (batch assembly, LR schedule, teacher sync, bookkeeping); peak = the case process's peak
-RSS (ru_maxrss), on CUDA torch.cuda.max_memory_allocated (the mem/ ratios use it). time/X, mem/X: this case ÷ X.
+RSS (ru_maxrss), on CUDA torch.cuda.max_memory_allocated (the mem/ ratios use it). time/X, mem/X: this case ÷ X,
+full = the sdft_ds case with the same DeepSpeed config. trained / total params: parameters with requires_grad in
+the model the case trains / all of its parameters (with LoRA, the adapter's are in both).
 """
 
 import argparse
@@ -45,7 +53,11 @@ BODY = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, num_at
             tie_word_embeddings=True, max_position_embeddings=1024)
 SIZES = {"small": dict(vocab=8192, batch=4, completion=64),
          "vocab152k": dict(vocab=151_936, batch=4, completion=64),
-         "loss-bound": dict(vocab=151_936, batch=8, completion=256)}  # TRL's dense loss alone peaks near 8.7 GB here
+         "loss-bound": dict(vocab=151_936, batch=8, completion=256),  # TRL's dense loss alone peaks near 8.7 GB here
+         # vocab152k's work on 2.5x its parameters: more of the peak grows with them (teacher copy, gradients, Adam
+         # state: under LoRA, the adapter's only), so the LoRA/full memory gap shows (sdft_ds_lora)
+         "wide": dict(vocab=151_936, batch=4, completion=64,
+                      body=dict(hidden_size=512, num_hidden_layers=8, intermediate_size=2048))}
 PHASES = ("generation", "teacher_forward", "student_forward", "backward", "optimizer_step")
 NUM_PROMPTS, LR, SEED, GB = 64, 1e-5, 0, 1e9
 
@@ -55,6 +67,7 @@ class Timer:
 
     def __init__(self, device: str):
         self.cuda, self.records, self.seconds, self.started = device == "cuda", [], {}, 0.0
+        self.parameters = {}  # the trained model's parameter_counts, set by the case
 
     def now(self) -> float:
         if self.cuda:
@@ -76,6 +89,12 @@ class Timer:
     def end(self, tokens: int, completion_length: float) -> None:
         self.records.append(dict(self.seconds, step=self.now() - self.started, tokens=int(tokens),
                                  completion_length=float(completion_length)))
+
+
+def parameter_counts(model) -> dict:
+    """Trained (requires_grad) and all parameters; a ZeRO-3 parameter's full size is its ds_numel."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return {"trained": sum(n for n, trained in sizes if trained), "total": sum(n for n, _ in sizes)}
 
 
 # ---------------------------------------------------------------- case 1: plain PyTorch + transformers, one process
@@ -115,6 +134,7 @@ def run_reference(spec, timer, rows, tokenizer):
     load = dict(dtype=torch.float32, attn_implementation="sdpa")
     student = AutoModelForCausalLM.from_pretrained(spec["ckpt"], **load).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(spec["ckpt"], **load).to(device).eval().requires_grad_(False)
+    timer.parameters = parameter_counts(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)  # torch's default decay is 0.01
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=total)  # HF/sdft_ds "linear"
     configured = student.generation_config.eos_token_id  # EOS ids as TRL and sdft_ds take them: tokenizer's + model's
@@ -182,7 +202,7 @@ def run_trl(spec, timer, rows, tokenizer):
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
     dataset = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "privileged_context": contexts})
     trainer = SDFTTrainer(model=spec["ckpt"], args=args, train_dataset=dataset, processing_class=tokenizer)
-    counts = {}
+    timer.parameters, counts = parameter_counts(trainer.model), {}
 
     # TRL has no phase timer: wrap this instance's own methods (TRL's code runs unchanged).
     def wrap(owner, name, phase=None, after=None):
@@ -227,7 +247,7 @@ def run_trl(spec, timer, rows, tokenizer):
     return None if trl.__version__ == "1.16.0" else f"ran TRL {trl.__version__}, not 1.16.0"
 
 
-# ---------------------------------------------------------------- case 3: sdft_ds
+# ---------------------------------------------------------------- case 3: sdft_ds (sdft_ds_lora: with a LoRA student)
 
 def run_sdft(spec, timer, rows, tokenizer):
     from datasets import Dataset
@@ -239,11 +259,14 @@ def run_sdft(spec, timer, rows, tokenizer):
         max_steps=spec["warmup"] + spec["steps"], learning_rate=LR, teacher_mode="frozen", report_to="none",
         logging_steps=10**6, deepspeed=spec["ds_config"], teacher_deepspeed=spec["teacher_config"], seed=SEED,
         attn_implementation="sdpa", distillation_alpha=0.0, distillation_mode="full", temperature=1.0, top_p=1.0,
-        top_k=0, num_generations=1)
+        top_k=0, num_generations=1,
+        **(dict(use_peft=True, lora_r=spec["lora_r"], lora_target_modules="all-linear") if spec["lora_r"] else {}))
     dataset = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "teacher_prompt")})
     # RANK is unset in this process, so SDFTTrainer makes its own 1-rank process group (engines.init_distributed).
-    trainer = SDFTTrainer(model=spec["ckpt"], ref_model=spec["ckpt"], args=args, processing_class=tokenizer,
-                          train_dataset=dataset)
+    # LoRA without ref_model: the teacher is the student's base model (adapter disabled), not a loaded copy.
+    trainer = SDFTTrainer(model=spec["ckpt"], ref_model=None if spec["lora_r"] else spec["ckpt"], args=args,
+                          processing_class=tokenizer, train_dataset=dataset)
+    timer.parameters = parameter_counts(trainer.student.module)
     for _ in range(args.max_steps):
         timer.begin()
         phases = trainer.train_step()
@@ -261,7 +284,7 @@ def child(spec: dict) -> None:
         rows = [json.loads(line) for line in f][:NUM_PROMPTS]
     timer, tokenizer = Timer(spec["device"]), AutoTokenizer.from_pretrained(spec["ckpt"])
     run = {"reference": run_reference, "trl": run_trl}.get(spec["case"], run_sdft)
-    result = {"note": run(spec, timer, rows, tokenizer), "records": timer.records,
+    result = {"note": run(spec, timer, rows, tokenizer), "records": timer.records, "parameters": timer.parameters,
               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
     if spec["device"] == "cuda":
         result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / GB
@@ -291,17 +314,17 @@ def run_case(spec: dict) -> dict:
                 tokens_per_step=statistics.mean(r["tokens"] for r in measured),
                 mean_completion_length=statistics.mean(r["completion_length"] for r in measured), phases=phases,
                 peak_gb=result.get("peak_cuda_gb", result["peak_rss_gb"]), peak_rss_gb=result["peak_rss_gb"],
-                note=result["note"], records=result["records"])
+                parameters=result["parameters"], note=result["note"], records=result["records"])
 
 
 # ---------------------------------------------------------------- parent: checkpoints, cases, report
 
-def build_checkpoint(vocab: int, directory: str) -> int:
+def build_checkpoint(vocab: int, directory: str, body: dict) -> int:
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(SEED)
     config = Qwen2Config(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **BODY)
+                         **{**BODY, **body})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory)
@@ -312,24 +335,29 @@ def build_checkpoint(vocab: int, directory: str) -> int:
 def table(rows: dict, device: str) -> list[str]:
     ref, trl = rows.get("reference", {}), rows.get("trl", {})
     out = [f"| case | s/step | tokens/s | peak {'CUDA' if device == 'cuda' else 'RSS'} GB | generation | teacher fwd | "
-           "student fwd+loss | backward | optimizer | other | mean completion | time/ref | time/TRL | mem/ref | "
-           "mem/TRL |", "|---" * 15 + "|"]
+           "student fwd+loss | backward | optimizer | other | mean completion | time/ref | time/TRL | time/full | "
+           "mem/ref | mem/TRL | mem/full | trained params | total params |", "|---" * 19 + "|"]
     for name, row in rows.items():
         if "s_per_step" in row:
+            full = rows.get(name.replace("sdft_ds_lora[", "sdft_ds["), {}) if name.startswith("sdft_ds") else {}
             ratios = [f"{row[key] / base[key]:.2f}" if key in base else "–"
-                      for key in ("s_per_step", "peak_gb") for base in (ref, trl)]
+                      for key in ("s_per_step", "peak_gb") for base in (ref, trl, full)]
             cells = [f"{row['s_per_step']:.3f}", f"{row['tokens_per_s']:.0f}", f"{row['peak_gb']:.2f}",
                      *(f"{row['phases'][k]:.3f}" for k in (*PHASES, "other")), f"{row['mean_completion_length']:.1f}"]
-            out.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+            counts = [f"{row['parameters'][k]:,}" for k in ("trained", "total")]
+            out.append(f"| {name} | " + " | ".join(cells + ratios + counts) + " |")
     return out + [f"- {name}: {row['note']}" for name, row in rows.items() if row.get("note")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
-    parser.add_argument("--cases", default="reference,trl,sdft_ds", help="comma list of reference, trl, sdft_ds")
+    parser.add_argument("--size", default="small,vocab152k,loss-bound", help=f"comma list of {', '.join(SIZES)}")
+    parser.add_argument("--cases", default="reference,trl,sdft_ds",
+                        help="comma list of reference, trl, sdft_ds, sdft_ds_lora")
     parser.add_argument("--sdft-configs", "--ds-config", default="zero3_offload.json",
-                        help="comma list of student DeepSpeed configs (in ds_configs/ or paths); one sdft_ds case each")
+                        help="comma list of student DeepSpeed configs (in ds_configs/ or paths); one sdft_ds "
+                             "(and sdft_ds_lora) case each")
+    parser.add_argument("--lora-r", type=int, default=16, help="the sdft_ds_lora case's LoRA rank")
     parser.add_argument("--teacher-config", help="teacher DeepSpeed config (in ds_configs/ or a path); default: "
                                                  "sdft_ds's")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
@@ -346,7 +374,8 @@ def main() -> None:
 
     wanted = args.cases.split(",")
     cases = {c: None for c in ("reference", "trl") if c in wanted}
-    cases.update({f"sdft_ds[{c}]": resolve(c) for c in args.sdft_configs.split(",") if "sdft_ds" in wanted})
+    cases.update({f"{case}[{c}]": resolve(c) for case in ("sdft_ds", "sdft_ds_lora") if case in wanted
+                  for c in args.sdft_configs.split(",")})
     lines, report = [], {"device": args.device, "warmup": args.warmup, "steps": args.steps, "sizes": {}}
 
     def emit(text=""):
@@ -357,16 +386,20 @@ def main() -> None:
         shape = SIZES[size]
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = os.path.join(tmp, "model")
-            params = build_checkpoint(shape["vocab"], ckpt)
-            emit(f"\n### {size}: {params:,} parameters, vocab {shape['vocab']:,}, {shape['batch']} prompts × "
-                 f"{shape['completion']} completion tokens per step, {args.device}\n")
+            body = shape.get("body", {})
+            params = build_checkpoint(shape["vocab"], ckpt, body)
+            layers = {**BODY, **body}
+            emit(f"\n### {size}: {params:,} parameters, vocab {shape['vocab']:,}, hidden {layers['hidden_size']} × "
+                 f"{layers['num_hidden_layers']} layers, {shape['batch']} prompts × {shape['completion']} completion "
+                 f"tokens per step, {args.device}\n")
             rows = {}
             for i, (case, ds_config) in enumerate(cases.items()):
                 started = time.perf_counter()
                 rows[case] = run_case(dict(
                     case=case, ckpt=ckpt, device=args.device, batch=shape["batch"], completion=shape["completion"],
                     warmup=args.warmup, steps=args.steps, workdir=os.path.join(tmp, f"out-{i}"), ds_config=ds_config,
-                    teacher_config=resolve(args.teacher_config)))
+                    teacher_config=resolve(args.teacher_config),
+                    lora_r=args.lora_r if case.startswith("sdft_ds_lora") else None))
                 print(f"  {case}: {time.perf_counter() - started:.0f} s wall", file=sys.stderr, flush=True)
             report["sizes"][size] = dict(parameters=params, **shape, cases=rows)
             for line in table(rows, args.device):
