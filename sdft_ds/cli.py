@@ -193,11 +193,13 @@ def _setup_console() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub and transformers
 
 
-def summary_line(summary: dict, output_dir: str) -> str:
+def summary_line(summary: dict, output_dir: str, adapter: bool = False) -> str:
     """The job's last line: `done: 40 optimizer steps (40 in this run), 61.9 s of training, 745 tokens/s; trained
-    model saved to /abs/path` (training: the loop's wall-clock time, engine construction and export aside)."""
+    model saved to /abs/path` (training: the loop's wall-clock time, engine construction and export aside); with
+    LoRA, what was saved is the adapter."""
+    what = "LoRA adapter (load with peft's PeftModel.from_pretrained)" if adapter else "model"
     return (f"done: {summary['steps']} optimizer steps ({summary['steps_run']} in this run), "
-            f"{summary['seconds']:.1f} s of training, {summary['tokens_per_second']:,.0f} tokens/s; trained model "
+            f"{summary['seconds']:.1f} s of training, {summary['tokens_per_second']:,.0f} tokens/s; trained {what} "
             f"saved to {Path(output_dir).resolve()}")
 
 
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.rank == 0:
         if before is not None:
             print(f"held-out divergence (alpha={config.distillation_alpha}): before {before:.4f} -> after {after:.4f}")
-        print(summary_line(trainer.summary, output_dir))
+        print(summary_line(trainer.summary, output_dir, adapter=trainer.peft is not None))
     engines.shutdown()
     sys.stdout.flush()
 
