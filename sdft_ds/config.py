@@ -216,7 +216,8 @@ class SDFTConfig:
                            "get gradients and optimizer state. Without ref_model the teacher needs no second copy of "
                            "the weights: frozen = the student with its adapter disabled (the base model), ema = a "
                            "second adapter averaged from the student's, live = the student with its adapter. "
-                           "SDFTTrainer(peft_config=LoraConfig(...)) sets it from code.", default=False)
+                           "SDFTTrainer(peft_config=LoraConfig(...)) sets it from code, and then the lora_* fields "
+                           "are not read.", default=False)
     lora_r: int = _help("LoRA rank (use_peft).", default=16)
     lora_alpha: int = _help("LoRA scaling numerator: the update is lora_alpha / lora_r · B·A (use_peft).", default=32)
     lora_dropout: float = _help("Dropout on the adapter's input in the student's forward (use_peft; disable_dropout "

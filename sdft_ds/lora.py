@@ -61,7 +61,7 @@ def lora_config(args, peft_config=None):
     return peft_config
 
 
-def check_targets(model_config, peft_config, output_layer: str = "lm_head") -> int:
+def check_targets(model_config, peft_config) -> int:
     """Refuse target modules that match nothing, or layers the adapter cannot be trained on correctly, on the
     model's skeleton (meta tensors: no weights loaded); returns the number of adapter parameters it will train."""
     from peft import get_peft_model
@@ -71,17 +71,17 @@ def check_targets(model_config, peft_config, output_layer: str = "lm_head") -> i
 
     with engines.unpartitioned_construction(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
+    output = skeleton.get_output_embeddings()  # before peft puts an adapter layer in its place
     try:
         wrapped = get_peft_model(skeleton, copy.deepcopy(peft_config))
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"LoRA target_modules={peft_config.target_modules!r} match no layer of this "
                          f"{model_config.model_type} model ({error}). Name its linear layers (e.g. q_proj,v_proj) or "
                          "use all-linear.") from None
-    output = skeleton.get_output_embeddings()
     for name, module in wrapped.get_base_model().named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        if module.get_base_layer() is output or name.split(".")[-1] == output_layer:
+        if module.get_base_layer() is output:
             raise ValueError(f"LoRA target {name!r} is the output layer: sdft_ds's fused divergence head reads the "
                              "output weight directly, so an adapter there would not be trained. Leave it out of "
                              "target_modules (all-linear already does).")
@@ -161,7 +161,7 @@ def lora_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in lm.named_modules() if isinstance(module, LoraLayer)]
 
 
-def adapter_state_dict(engine, peft_model, rank: int) -> dict[str, torch.Tensor]:
+def adapter_state_dict(peft_model, rank: int) -> dict[str, torch.Tensor]:
     """The student adapter's weights, whole, on rank 0 (empty elsewhere), named as in peft_model.state_dict();
     every rank must call it (one gather of the adapter's parameters, not of the model)."""
     named = [(name, p) for name, p in peft_model.named_parameters()

@@ -619,7 +619,7 @@ class SDFTTrainer:
             if self.rank == 0:
                 checkpoint.write_pretrained(lm, state, self.tokenizer, output_dir)
         else:
-            adapter = lora.adapter_state_dict(self.student, self.peft, self.rank)
+            adapter = lora.adapter_state_dict(self.peft, self.rank)
             if self.rank == 0:
                 checkpoint.write_adapter(self.peft, lora.STUDENT_ADAPTER, adapter, self.tokenizer, output_dir)
             if self.args.save_merged_model:
